@@ -1,0 +1,36 @@
+"""Which backend runs a param group's step on a given device (no silent fallback by name)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def triton_runs_on(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device``, and why not."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return (True, "") if torch.cuda.is_available() else (False, "CUDA is not available")
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, ""
+        return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+    return False, f"Triton has no backend for device type {device.type!r}"
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """Map a group's ``backend`` option to the implementation that runs on ``device``.
+
+    ``"auto"`` takes the Triton kernel on CUDA when it can run there, else the reference.
+    ``"triton"`` raises RuntimeError, naming the device, where Triton cannot run.
+    """
+    if name == "torch":
+        return "torch"
+    runs, why = triton_runs_on(device)
+    if name == "triton":
+        if not runs:
+            raise RuntimeError(f"backend='triton' cannot run on device {device}: {why}")
+        return "triton"
+    return "triton" if runs and device.type == "cuda" else "torch"

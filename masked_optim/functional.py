@@ -1,0 +1,119 @@
+"""The functional entry point of one MaskedAdamW step: plain tensors in, dispatch to a backend.
+
+The optimizer class owns validation and state; it hands each param group here as a list of
+``TensorState`` (real views of complex tensors already taken) and the group's hyper-parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TensorState:
+    """One parameter tensor and its optimizer state, as a backend sees them.
+
+    All tensors are real (complex ones viewed as real) and share ``param``'s shape, except the
+    0-dim counters. ``anchor``/``anchor_param`` are None before the first ``consolidate()``.
+    ``threshold`` is the 0-dim int64 threshold bin of the tensor's unit (``threshold.UNKNOWN``
+    when the next step must derive it from its own scores); ``threshold_known`` is the host's
+    conservative view of that, used only to skip work.
+    """
+
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    importance: Tensor
+    step: Tensor
+    importance_step: Tensor
+    threshold: Tensor
+    threshold_known: bool = False
+    anchor: Optional[Tensor] = None
+    anchor_param: Optional[Tensor] = None
+
+
+@dataclass
+class GroupHyper:
+    """A param group's hyper-parameters as plain Python values (lr may be a 1-element Tensor)."""
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    density: float
+    mask: str
+    importance: str
+    importance_beta: float
+    protect_strength: float
+    anchor_decay: float
+    scope: str
+    maximize: bool
+    nonfinite: str
+
+    @classmethod
+    def from_group(cls, group: dict) -> "GroupHyper":
+        beta1, beta2 = group["betas"]
+        return cls(
+            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), density=float(group["density"]),
+            mask=group["mask"], importance=group["importance"],
+            importance_beta=float(group["importance_beta"]),
+            protect_strength=float(group["protect_strength"]),
+            anchor_decay=float(group["anchor_decay"]), scope=group["scope"],
+            maximize=bool(group["maximize"]), nonfinite=group["nonfinite"],
+        )
+
+
+@dataclass
+class GroupStats:
+    """Device-side counts of the last step of one group (``mask_stats`` reads them)."""
+
+    elements: Tensor
+    updated: Tensor
+    frozen: Tensor
+    skipped: Tensor
+    thresholds: list[Tensor] = field(default_factory=list)
+
+
+def masked_adamw(
+    tensors: list[TensorState],
+    hyper: GroupHyper,
+    *,
+    backend: str,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> Optional[GroupStats]:
+    """Take one MaskedAdamW step over one param group's tensors, in place.
+
+    ``backend`` is a resolved backend name ("torch" or "triton"). ``grad_scale`` is the
+    GradScaler's scale (grads are divided by it); a nonzero ``found_inf`` means the step is
+    skipped and nothing at all changes (returns None in that case for the reference backend).
+    """
+    if backend == "torch":
+        from masked_optim import reference
+
+        return reference.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+    if backend == "triton":
+        from masked_optim.kernels import launch
+
+        return launch.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+    raise ValueError(f"Invalid backend: {backend!r}")
+
+
+def observe(tensors: list[TensorState], hyper: GroupHyper, *, backend: str) -> None:
+    """Update the running importance from the current grads only (SPEC steps 1-2)."""
+    from masked_optim import reference
+
+    reference.observe_group(tensors, hyper)
+
+
+def units(tensors: list[TensorState], scope: str) -> list[list[int]]:
+    """Indices of ``tensors`` grouped into units: one per tensor, or the whole group."""
+    if scope == "group":
+        return [list(range(len(tensors)))] if tensors else []
+    return [[index] for index in range(len(tensors))]

@@ -1,0 +1,335 @@
+"""MaskedAdamW: the optimizer class (validation, state, hooks); the math lives in functional.py."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from masked_optim import backends, consolidation, functional
+from masked_optim import threshold as thr
+from masked_optim.functional import GroupHyper, GroupStats, TensorState
+from masked_optim.options import DEFAULTS, validate_group, validate_param
+from masked_optim.reference import math_dtype
+
+_IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+_STATE_KINDS = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
+
+
+def _real(tensor: Tensor) -> Tensor:
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _threshold_key(group: dict[str, Any]) -> float:
+    """A number naming what a stored threshold was derived for (0.0 means unknown)."""
+    return float(group["density"]) + 2.0 * (group["mask"] == "protect") + 4.0 * (group["scope"] == "group")
+
+
+class MaskedAdamW(Optimizer):
+    r"""AdamW that learns new data while protecting what the model already knows.
+
+    A drop-in replacement for :class:`torch.optim.AdamW`. It keeps a running importance ``s``
+    for every parameter element and, after :meth:`consolidate`, an anchor ``a`` (consolidated
+    importance of earlier data, mean 1 per unit ``U`` = tensor or param group) and the
+    parameters ``theta*`` at that point. With ``density=1`` and no anchor a step is AdamW.
+
+    .. code-block:: text
+
+        for each element i of unit U, step t, gradient g (unscaled, negated if maximize):
+            if g is not finite and nonfinite == "skip": leave theta, m, v, s as they are
+            x = g^2 (fisher) | |g*theta| (taylor) | |g| (magnitude)
+            s = beta_s*s + (1-beta_s)*x
+            r = s/(1-beta_s^t_s) / (a + 1e-3)    (select; "/ (a+1e-3)" only with an anchor)
+            r = a                                 (protect)
+            k = 1 if density == 1
+                r >= tau_U                        (select: the top `density` scores move)
+                a <  tau_U or a == 0              (protect: the top 1-density anchors stay)
+            c = 1 / (1 + protect_strength*a)      (1 without anchor)
+            if k:
+                theta -= min(1, lr*anchor_decay*a) * (theta - theta*)   (with an anchor)
+                theta *= 1 - lr*c*weight_decay
+                m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+                theta -= lr*c/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+            else: theta, m, v stay bit-identical
+            r enters U's histogram, from which tau_U of the next step is derived
+            (the first step after creation, consolidate() or a density change derives it
+            from its own scores)
+
+    Args:
+        params: iterable of parameters or param-group dicts. Every option below may be set
+            per group.
+        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW` (lr may be a 1-element
+            Tensor).
+        density: fraction of elements updated per step, in (0, 1].
+        mask: ``"select"`` (move the elements most important for the new data relative to the
+            old) or ``"protect"`` (freeze the elements most important for earlier data).
+        importance: ``"fisher"`` (g^2), ``"taylor"`` (|g*theta|) or ``"magnitude"`` (|g|).
+        importance_beta: EMA decay of the running importance, in [0, 1).
+        protect_strength: lambda >= 0 of the soft per-element update scale 1/(1+lambda*a).
+        anchor_decay: mu >= 0, restoring force toward the consolidated parameters.
+        scope: ``"tensor"`` or ``"group"``: the unit over which importance is normalised and the
+            density threshold taken.
+        maximize: maximise the objective instead of minimising it.
+        nonfinite: ``"skip"`` (elements with NaN/Inf grads are left unchanged and counted) or
+            ``"propagate"`` (they flow through as in AdamW).
+        backend: ``"auto"``, ``"torch"`` (the reference) or ``"triton"`` (fused kernel).
+        importance_dtype: ``"float32"`` or ``"bfloat16"`` storage for importance and anchor.
+
+    Example::
+
+        opt = MaskedAdamW(model.parameters(), lr=1e-3, anchor_decay=10.0)
+        train(model, old_task, opt)          # importance accumulates during training
+        opt.consolidate()                    # task boundary: remember what mattered
+        train(model, new_task, opt)          # important weights are pulled back
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        density: float = 1.0,
+        mask: str = "select",
+        importance: str = "fisher",
+        importance_beta: float = 0.99,
+        protect_strength: float = 0.0,
+        anchor_decay: float = 0.0,
+        scope: str = "tensor",
+        maximize: bool = False,
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        importance_dtype: str | torch.dtype = "float32",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, mask=mask,
+            importance=importance, importance_beta=importance_beta,
+            protect_strength=protect_strength, anchor_decay=anchor_decay, scope=scope,
+            maximize=maximize, nonfinite=nonfinite, backend=backend,
+            importance_dtype=_DTYPE_NAMES.get(importance_dtype, importance_dtype),
+        )
+        validate_group(defaults)
+        self._last_stats: list[Optional[GroupStats]] = []
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for key, value in DEFAULTS.items():
+            self.defaults.setdefault(key, value)
+            for group in self.param_groups:
+                group.setdefault(key, value)
+        self.__dict__.setdefault("_last_stats", [])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group after checking all of it, so a bad group adds nothing."""
+        merged = {**self.defaults, **param_group}
+        if "importance_dtype" in param_group:
+            merged["importance_dtype"] = _DTYPE_NAMES.get(merged["importance_dtype"], merged["importance_dtype"])
+            param_group = {**param_group, "importance_dtype": merged["importance_dtype"]}
+        validate_group(merged)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for param in params:
+            validate_param(param)
+            if merged["backend"] != "torch":
+                backends.resolve(merged["backend"], param.device)
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ state
+    def _importance_dtype(self, group: dict[str, Any]) -> torch.dtype:
+        return _IMPORTANCE_DTYPES[group["importance_dtype"]]
+
+    def _state_dtype(self, key: str, param: Tensor, group: dict[str, Any]) -> Optional[torch.dtype]:
+        """The dtype a state tensor must have (None: whatever it has, e.g. counters)."""
+        if key in ("exp_avg", "exp_avg_sq"):
+            return param.dtype if param.is_complex() else math_dtype(param.dtype)
+        if key in ("importance", "anchor"):
+            return self._importance_dtype(group)
+        if key == "anchor_param":
+            return param.dtype
+        if key == "threshold":
+            return torch.int64
+        return None
+
+    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(param, dtype=self._state_dtype(key, param, group), memory_format=torch.preserve_format)
+        if "importance" not in state:
+            state["importance"] = torch.zeros_like(_real(param), dtype=self._importance_dtype(group))
+            state["importance_step"] = torch.tensor(0.0, dtype=torch.float32)
+        if "threshold" not in state:
+            state["threshold"] = torch.full((), thr.UNKNOWN, dtype=torch.int64, device=param.device)
+            state["threshold_for"] = 0.0
+        return state
+
+    def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState]]:
+        params, tensors = [], []
+        key = _threshold_key(group)
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self._init_state(param, group)
+            if state["threshold_for"] != key:
+                state["threshold"].fill_(thr.UNKNOWN)
+                state["threshold_for"] = 0.0
+            params.append(param)
+            tensors.append(
+                TensorState(
+                    param=_real(param), grad=_real(param.grad), exp_avg=_real(state["exp_avg"]),
+                    exp_avg_sq=_real(state["exp_avg_sq"]), importance=state["importance"],
+                    step=state["step"], importance_step=state["importance_step"],
+                    threshold=state["threshold"], threshold_known=state["threshold_for"] == key,
+                    anchor=state.get("anchor"),
+                    anchor_param=_real(state["anchor_param"]) if "anchor_param" in state else None,
+                )
+            )
+        return params, tensors
+
+    def _check_grads(self) -> None:
+        for group in self.param_groups:
+            validate_group(group)
+            for param in group["params"]:
+                if param.grad is not None and param.grad.is_sparse:
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Take one step: importance, gate, restoring force and scaled AdamW update.
+
+        Under a :class:`torch.amp.GradScaler` the grads are unscaled inside the step and a step
+        with ``found_inf`` changes nothing at all.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        stats: list[Optional[GroupStats]] = []
+        for index, group in enumerate(self.param_groups):
+            params, tensors = self._tensor_states(group)
+            previous = self._last_stats[index] if index < len(self._last_stats) else None
+            if not tensors:
+                stats.append(previous)
+                continue
+            backend = backends.resolve(group["backend"], params[0].device)
+            result = functional.masked_adamw(
+                tensors, GroupHyper.from_group(group), backend=backend,
+                grad_scale=grad_scale, found_inf=found_inf,
+            )
+            if found_inf is None:
+                key = _threshold_key(group)
+                for param in params:
+                    self.state[param]["threshold_for"] = key
+            stats.append(result if result is not None else previous)
+        self._last_stats = stats
+        return loss
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """Update the running importance from the current grads; change no parameter or moment.
+
+        Use it to calibrate importance on earlier data (forward + backward, then ``observe()``)
+        before :meth:`consolidate`.
+        """
+        self._check_grads()
+        for group in self.param_groups:
+            _, tensors = self._tensor_states(group)
+            functional.observe(tensors, GroupHyper.from_group(group), backend="torch")
+
+    @torch.no_grad()
+    def consolidate(self, how: str = "max") -> None:
+        """Task boundary: fold the running importance into the anchor and reset it.
+
+        Per unit, the importance is normalised to mean 1 and combined into the anchor
+        (``"max"``: elementwise maximum, ``"sum"``: addition), which is renormalised to mean 1.
+        The importance restarts from 0, the parameters are copied into ``anchor_param`` in groups
+        with ``anchor_decay > 0``, and every threshold is derived afresh by the next step.
+        """
+        if how not in consolidation.HOWS:
+            raise ValueError(f"Invalid how: {how!r} (expected 'max' or 'sum')")
+        for group in self.param_groups:
+            params = [p for p in group["params"] if "importance" in self.state.get(p, {})]
+            unit_lists = [params] if group["scope"] == "group" and params else [[p] for p in params]
+            for unit in unit_lists:
+                states = [self.state[p] for p in unit]
+                anchors = consolidation.combine(
+                    [s["importance"] for s in states], [s.get("anchor") for s in states], how
+                )
+                for param, state, anchor in zip(unit, states, anchors):
+                    state["anchor"] = anchor.to(self._importance_dtype(group))
+                    state["importance"].zero_()
+                    state["importance_step"].zero_()
+                    state["threshold"].fill_(thr.UNKNOWN)
+                    state["threshold_for"] = 0.0
+                    if group["anchor_decay"] > 0:
+                        state["anchor_param"] = param.detach().clone()
+                    else:
+                        state.pop("anchor_param", None)
+
+    def mask_stats(self) -> list[dict[str, Any]]:
+        """Per param group, what the last step did (synchronises with the device).
+
+        Keys: ``target_density``, ``realised_density`` (gated-on fraction), ``threshold`` (one
+        score threshold per unit that had one), ``elements``, ``updated``, ``frozen`` (gated off)
+        and ``nonfinite_skipped``. Groups that have not stepped yet report None.
+        """
+        report: list[dict[str, Any]] = []
+        for index, group in enumerate(self.param_groups):
+            stats = self._last_stats[index] if index < len(self._last_stats) else None
+            if stats is None:
+                report.append(None)
+                continue
+            elements, updated, frozen, skipped = (int(x.item()) for x in (stats.elements, stats.updated, stats.frozen, stats.skipped))
+            report.append(dict(
+                target_density=float(group["density"]),
+                realised_density=(elements - frozen) / elements if elements else 1.0,
+                threshold=[thr.threshold_value(int(t.item())) for t in stats.thresholds],
+                elements=elements, updated=updated, frozen=frozen, nonfinite_skipped=skipped,
+            ))
+        return report
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state: ``total`` and one entry per kind (``other``: counters)."""
+        sizes = dict.fromkeys((*_STATE_KINDS, "other"), 0)
+        for state in self.state.values():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    local = value.to_local() if hasattr(value, "to_local") else value
+                    sizes[key if key in sizes else "other"] += local.numel() * local.element_size()
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state like :class:`torch.optim.Optimizer`, keeping this optimizer's state dtypes.
+
+        ``Optimizer.load_state_dict`` casts floating state to the param's dtype (fp32 importance
+        of a bf16 param would come back bf16); here every state tensor is restored from the
+        checkpoint's original with the dtype it must have. A plain ``torch.optim.AdamW``
+        state_dict loads too: moments carry over, importance starts at zero.
+        """
+        originals = {pid: dict(state) for pid, state in state_dict["state"].items()}
+        saved_groups = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            for pid, param in zip(saved["params"], group["params"]):
+                for key, value in originals.get(pid, {}).items():
+                    if not isinstance(value, Tensor) or key in ("step", "importance_step"):
+                        continue
+                    dtype = self._state_dtype(key, param, group) or value.dtype
+                    self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)

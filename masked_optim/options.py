@@ -1,0 +1,92 @@
+"""Hyper-parameter defaults and validation for MaskedAdamW param groups.
+
+Every check raises before anything is changed, with a message naming the argument and value.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MASKS = ("select", "protect")
+IMPORTANCES = ("fisher", "taylor", "magnitude")
+NONFINITE = ("skip", "propagate")
+SCOPES = ("tensor", "group")
+BACKENDS = ("auto", "torch", "triton")
+IMPORTANCE_DTYPES = ("float32", "bfloat16")
+
+DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=1e-2,
+    density=1.0,
+    mask="select",
+    importance="fisher",
+    importance_beta=0.99,
+    protect_strength=0.0,
+    anchor_decay=0.0,
+    scope="tensor",
+    maximize=False,
+    nonfinite="skip",
+    backend="auto",
+    importance_dtype="float32",
+)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a 1-element Tensor, got a Tensor of shape {tuple(value.shape)}")
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, allowed))})")
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Raise ValueError naming the first invalid hyper-parameter of ``group``."""
+    lr = _number("lr", group["lr"])
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"Invalid lr: {lr} (must be finite and >= 0)")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair)")
+    for index, beta in enumerate(betas):
+        value = _number(f"betas[{index}]", beta)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {value} (must be in [0, 1))")
+    ranges = (("eps", 0.0), ("weight_decay", 0.0), ("protect_strength", 0.0), ("anchor_decay", 0.0))
+    for name, low in ranges:
+        value = _number(name, group[name])
+        if not math.isfinite(value) or value < low:
+            raise ValueError(f"Invalid {name}: {value} (must be finite and >= {low})")
+    density = _number("density", group["density"])
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"Invalid density: {density} (must be in (0, 1])")
+    importance_beta = _number("importance_beta", group["importance_beta"])
+    if not 0.0 <= importance_beta < 1.0:
+        raise ValueError(f"Invalid importance_beta: {importance_beta} (must be in [0, 1))")
+    _choice("mask", group["mask"], MASKS)
+    _choice("importance", group["importance"], IMPORTANCES)
+    _choice("nonfinite", group["nonfinite"], NONFINITE)
+    _choice("scope", group["scope"], SCOPES)
+    _choice("backend", group["backend"], BACKENDS)
+    _choice("importance_dtype", group["importance_dtype"], IMPORTANCE_DTYPES)
+    if not isinstance(group["maximize"], bool):
+        raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool)")
+
+
+def validate_param(param: Tensor) -> None:
+    """Reject parameters the optimizer cannot step."""
+    if not isinstance(param, Tensor):
+        raise TypeError(f"params must be Tensors, got {type(param).__name__}")
+    if not (param.is_floating_point() or param.is_complex()):
+        raise ValueError(f"Invalid param dtype: {param.dtype} (MaskedAdamW steps floating-point and complex params only)")

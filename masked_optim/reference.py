@@ -1,0 +1,188 @@
+"""The reference backend: SPEC.md's step in plain PyTorch, element by element as written there.
+
+It is the executable specification and the yardstick of every other backend, so it is written
+to be read: one function per SPEC step, no fusion. With ``density == 1`` and no anchor its
+arithmetic is operation-for-operation ``torch.optim.AdamW(foreach=False)``.
+Under a GradScaler it synchronises once per step to read ``found_inf`` (kernels do not).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from masked_optim import threshold as thr
+from masked_optim.functional import GroupHyper, GroupStats, TensorState, units
+
+#: select's score is s / (a + DELTA); the anchor has mean 1 per unit.
+DELTA = 1e-3
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic and the moments for a (real) param dtype: fp64 stays, others fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _value(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def unscaled_grad(t: TensorState, hyper: GroupHyper, grad_scale: Optional[Tensor]) -> Tensor:
+    """SPEC inputs: the gradient in math dtype, divided by the scaler's scale, negated if maximize."""
+    g = t.grad.to(math_dtype(t.param.dtype))
+    if grad_scale is not None:
+        inv_scale = grad_scale.double().reciprocal().float()
+        g = g * inv_scale.to(g.dtype)
+    return -g if hyper.maximize else g
+
+
+def live_elements(g: Tensor, hyper: GroupHyper) -> Optional[Tensor]:
+    """SPEC step 1: elements that take part in the step (None: all of them)."""
+    return torch.isfinite(g) if hyper.nonfinite == "skip" else None
+
+
+def importance_signal(g: Tensor, theta: Tensor, kind: str) -> Tensor:
+    """SPEC step 2: x = g^2 (fisher) | |g * theta| (taylor) | |g| (magnitude)."""
+    if kind == "fisher":
+        return g * g
+    if kind == "taylor":
+        return (g * theta).abs()
+    return g.abs()
+
+
+def update_importance(t: TensorState, g: Tensor, live: Optional[Tensor], hyper: GroupHyper) -> None:
+    """SPEC step 2: s <- beta_s*s + (1-beta_s)*x on live elements; count the update."""
+    theta = t.param.to(g.dtype)
+    x = importance_signal(g, theta, hyper.importance).to(torch.float32)
+    beta = hyper.importance_beta
+    s_new = t.importance.float() * beta + x * (1.0 - beta)
+    if live is not None:
+        s_new = torch.where(live, s_new, t.importance.float())
+    t.importance.copy_(s_new)
+    t.importance_step += 1
+
+
+def select_score(t: TensorState, importance_beta: float) -> Tensor:
+    """select's score r = s_hat / (a + delta), s_hat = s / (1 - beta_s^t) (bias-corrected), fp32."""
+    correction = 1.0 - importance_beta ** _value(t.importance_step)
+    s_hat = t.importance.float() / correction
+    return s_hat if t.anchor is None else s_hat / (t.anchor.float() + DELTA)
+
+
+def unit_thresholds(tensors: list[TensorState], scores: list[Optional[Tensor]], hyper: GroupHyper) -> tuple[list, list, list]:
+    """Per tensor: the threshold its gate uses this step and the one stored for the next step;
+    and per unit the threshold used this step.
+
+    A stored threshold is used when known; otherwise this step derives it from its own scores.
+    Tensors without a score (protect without anchor, or density 1) get None: all elements move.
+    """
+    protect = hyper.mask == "protect"
+    gate_thresholds: list[Optional[Tensor]] = [None] * len(tensors)
+    next_thresholds: list[Optional[Tensor]] = [None] * len(tensors)
+    unit_current: list[Tensor] = []
+    for unit in units(tensors, hyper.scope):
+        members = [i for i in unit if scores[i] is not None]
+        if not members:
+            continue
+        stored = tensors[members[0]].threshold
+        if protect and all(tensors[i].threshold_known for i in members):
+            derived = stored  # the anchor is fixed between consolidations
+        else:
+            hist = sum(thr.histogram(scores[i]) for i in members)
+            derived = thr.threshold_bin(hist, hyper.density, protect)
+        current = torch.where(stored >= 0, stored, derived)
+        unit_current.append(current)
+        for i in members:
+            gate_thresholds[i] = current
+            next_thresholds[i] = derived
+    return gate_thresholds, next_thresholds, unit_current
+
+
+def soft_scale(t: TensorState, hyper: GroupHyper) -> Optional[Tensor]:
+    """SPEC step 4: c = 1 / (1 + lambda*a), or None where it is 1 (no anchor or lambda 0)."""
+    if t.anchor is None or hyper.protect_strength == 0.0:
+        return None
+    return 1.0 / (1.0 + hyper.protect_strength * t.anchor.float())
+
+
+def restoring_force(theta: Tensor, t: TensorState, lr: float, hyper: GroupHyper) -> Tensor:
+    """SPEC step 5a: theta - min(1, lr*mu*a) * (theta - theta*), never past theta*."""
+    if t.anchor is None or t.anchor_param is None or hyper.anchor_decay == 0.0:
+        return theta
+    pull = (t.anchor.to(theta.dtype) * (lr * hyper.anchor_decay)).clamp_(max=1.0)
+    return theta - pull * (theta - t.anchor_param.to(theta.dtype))
+
+
+def adamw_update(theta: Tensor, g: Tensor, t: TensorState, lr: float, scale: Optional[Tensor], hyper: GroupHyper):
+    """SPEC step 5b, out of place: torch AdamW's single-tensor arithmetic, lr scaled by c."""
+    step = _value(t.step)
+    bias_correction1 = 1 - hyper.beta1**step
+    bias_correction2_sqrt = (1 - hyper.beta2**step) ** 0.5
+    m = t.exp_avg.lerp(g, 1 - hyper.beta1)
+    v = t.exp_avg_sq.mul(hyper.beta2).addcmul_(g, g, value=1 - hyper.beta2)
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(hyper.eps)
+    if scale is None:
+        theta = theta.mul(1 - lr * hyper.weight_decay) if hyper.weight_decay != 0 else theta.clone()
+        theta.addcdiv_(m, denom, value=-(lr / bias_correction1))
+    else:
+        lr_element = scale.to(theta.dtype) * lr
+        theta = theta * (1 - lr_element * hyper.weight_decay)
+        theta = theta - (lr_element / bias_correction1) * m / denom
+    return theta, m, v
+
+
+def step_group(
+    tensors: list[TensorState],
+    hyper: GroupHyper,
+    *,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> Optional[GroupStats]:
+    """One MaskedAdamW step of one param group, in place. Returns device-side counts."""
+    if found_inf is not None and bool(found_inf.item()):
+        return None  # the scaler skips this step: nothing changes at all
+    lr = _value(hyper.lr)
+    gated = hyper.density < 1.0
+    protect = hyper.mask == "protect"
+    grads, lives, scores = [], [], []
+    for t in tensors:
+        t.step += 1
+        g = unscaled_grad(t, hyper, grad_scale)
+        live = live_elements(g, hyper)
+        update_importance(t, g, live, hyper)
+        if not gated or (protect and t.anchor is None):
+            score = None
+        else:
+            score = t.anchor.float() if protect else select_score(t, hyper.importance_beta)
+        grads.append(g)
+        lives.append(live)
+        scores.append(score)
+
+    gate_thresholds, next_thresholds, unit_current = unit_thresholds(tensors, scores, hyper)
+    device = tensors[0].param.device if tensors else torch.device("cpu")
+    stats = GroupStats(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(4)), thresholds=unit_current)
+    for t, g, live, score, current, following in zip(tensors, grads, lives, scores, gate_thresholds, next_thresholds):
+        k = torch.ones_like(g, dtype=torch.bool) if current is None else thr.gate(thr.score_bins(score), current, protect)
+        moving = k if live is None else k & live
+        theta = t.param.to(g.dtype)
+        pulled = restoring_force(theta, t, lr, hyper)
+        new_theta, new_m, new_v = adamw_update(pulled, g, t, lr, soft_scale(t, hyper), hyper)
+        t.param.copy_(torch.where(moving, new_theta, theta))
+        t.exp_avg.copy_(torch.where(moving, new_m, t.exp_avg))
+        t.exp_avg_sq.copy_(torch.where(moving, new_v, t.exp_avg_sq))
+        if following is not None:
+            t.threshold.copy_(following)
+        stats.elements += g.numel()
+        stats.updated += moving.sum()
+        stats.frozen += (~k).sum()
+        if live is not None:
+            stats.skipped += (~live).sum()
+    return stats
+
+
+def observe_group(tensors: list[TensorState], hyper: GroupHyper) -> None:
+    """Importance-only pass (SPEC steps 1-2): no parameter or moment changes."""
+    for t in tensors:
+        g = unscaled_grad(t, hyper, None)
+        update_importance(t, g, live_elements(g, hyper), hyper)
