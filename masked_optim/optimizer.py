@@ -24,7 +24,14 @@ def _real(tensor: Tensor) -> Tensor:
 
 
 def _threshold_key(group: dict[str, Any]) -> float:
-    """A number naming what a stored threshold was derived for (0.0 means unknown)."""
+    """A positive number naming the options a stored threshold was derived for.
+
+    ``state["threshold_for"]`` holds it: ``key`` when the stored threshold is known to be valid,
+    ``-key`` when it is either valid for these options or still unknown (``threshold.UNKNOWN``
+    on the device: fresh state, after ``consolidate()``, or after steps under a GradScaler,
+    whose ``found_inf`` the host does not read). Any other value: the options changed, so the
+    next step resets the threshold to unknown.
+    """
     return float(group["density"]) + 2.0 * (group["mask"] == "protect") + 4.0 * (group["scope"] == "group")
 
 
@@ -123,8 +130,9 @@ class MaskedAdamW(Optimizer):
         super().__setstate__(state)
         for key, value in DEFAULTS.items():
             self.defaults.setdefault(key, value)
-            for group in self.param_groups:
-                group.setdefault(key, value)
+        for group in self.param_groups:
+            for key in DEFAULTS:
+                group.setdefault(key, self.defaults[key])
         self.__dict__.setdefault("_last_stats", [])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -136,6 +144,7 @@ class MaskedAdamW(Optimizer):
         validate_group(merged)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        param_group = {**param_group, "params": params}
         for param in params:
             validate_param(param)
             if merged["backend"] != "torch":
@@ -170,7 +179,7 @@ class MaskedAdamW(Optimizer):
             state["importance_step"] = torch.tensor(0.0, dtype=torch.float32)
         if "threshold" not in state:
             state["threshold"] = torch.full((), thr.UNKNOWN, dtype=torch.int64, device=param.device)
-            state["threshold_for"] = 0.0
+            state["threshold_for"] = -_threshold_key(group)
         return state
 
     def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState]]:
@@ -180,9 +189,9 @@ class MaskedAdamW(Optimizer):
             if param.grad is None:
                 continue
             state = self._init_state(param, group)
-            if state["threshold_for"] != key:
+            if abs(state["threshold_for"]) != key:
                 state["threshold"].fill_(thr.UNKNOWN)
-                state["threshold_for"] = 0.0
+                state["threshold_for"] = -key
             params.append(param)
             tensors.append(
                 TensorState(
@@ -230,10 +239,9 @@ class MaskedAdamW(Optimizer):
                 tensors, GroupHyper.from_group(group), backend=backend,
                 grad_scale=grad_scale, found_inf=found_inf,
             )
-            if found_inf is None:
-                key = _threshold_key(group)
+            if found_inf is None:  # under a scaler the step may have been skipped: keep the hint
                 for param in params:
-                    self.state[param]["threshold_for"] = key
+                    self.state[param]["threshold_for"] = _threshold_key(group)
             stats.append(result if result is not None else previous)
         self._last_stats = stats
         return loss
@@ -274,7 +282,7 @@ class MaskedAdamW(Optimizer):
                     state["importance"].zero_()
                     state["importance_step"].zero_()
                     state["threshold"].fill_(thr.UNKNOWN)
-                    state["threshold_for"] = 0.0
+                    state["threshold_for"] = -_threshold_key(group)
                     if group["anchor_decay"] > 0:
                         state["anchor_param"] = param.detach().clone()
                     else:
@@ -323,13 +331,18 @@ class MaskedAdamW(Optimizer):
         """
         originals = {pid: dict(state) for pid, state in state_dict["state"].items()}
         saved_groups = state_dict["param_groups"]
+        current_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for saved, group in zip(saved_groups, self.param_groups):
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        for saved, current, group in zip(saved_groups, current_groups, self.param_groups):
+            for key, value in current.items():  # options a foreign checkpoint lacks stay as set
+                if key not in saved:
+                    group[key] = value
             for pid, param in zip(saved["params"], group["params"]):
                 for key, value in originals.get(pid, {}).items():
-                    if not isinstance(value, Tensor) or key in ("step", "importance_step"):
+                    if not isinstance(value, Tensor) or key == "step":
+                        continue
+                    if key == "importance_step":  # a host-side counter, like torch's "step"
+                        self.state[param][key] = value.clone()
                         continue
                     dtype = self._state_dtype(key, param, group) or value.dtype
                     self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)

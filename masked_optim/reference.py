@@ -107,11 +107,15 @@ def soft_scale(t: TensorState, hyper: GroupHyper) -> Optional[Tensor]:
 
 
 def restoring_force(theta: Tensor, t: TensorState, lr: float, hyper: GroupHyper) -> Tensor:
-    """SPEC step 5a: theta - min(1, lr*mu*a) * (theta - theta*), never past theta*."""
+    """SPEC step 5a: theta - w*(theta - theta*), w = min(1, lr*mu*a), never past theta*.
+
+    Computed as ``torch.lerp(theta, theta*, w)``, whose rounding cannot cross theta* (for
+    w >= 0.5 it evaluates theta* - (theta* - theta)*(1 - w)); every backend uses that form.
+    """
     if t.anchor is None or t.anchor_param is None or hyper.anchor_decay == 0.0:
         return theta
     pull = (t.anchor.to(theta.dtype) * (lr * hyper.anchor_decay)).clamp_(max=1.0)
-    return theta - pull * (theta - t.anchor_param.to(theta.dtype))
+    return theta.lerp(t.anchor_param.to(theta.dtype), pull)
 
 
 def adamw_update(theta: Tensor, g: Tensor, t: TensorState, lr: float, scale: Optional[Tensor], hyper: GroupHyper):

@@ -1,0 +1,87 @@
+"""Bad input gets a clear error naming the argument and value, and nothing is half-applied."""
+import pytest
+import torch
+
+from masked_optim import MaskedAdamW
+from tests.helpers import assert_bitwise_equal, set_random_grads, snapshot
+
+BAD_OPTIONS = [
+    (dict(lr=-1e-3), ValueError, r"Invalid lr: -0\.001"),
+    (dict(lr=float("nan")), ValueError, r"Invalid lr: nan"),
+    (dict(lr=float("inf")), ValueError, r"Invalid lr: inf"),
+    (dict(lr=torch.tensor([1e-3, 2e-3])), ValueError, r"lr must be .*1-element Tensor.*\(2,\)"),
+    (dict(betas=(1.0, 0.999)), ValueError, r"beta parameter at index 0: 1\.0"),
+    (dict(betas=(0.9, -0.1)), ValueError, r"beta parameter at index 1: -0\.1"),
+    (dict(betas=(0.9,)), ValueError, r"Invalid betas"),
+    (dict(eps=-1e-8), ValueError, r"Invalid eps: -1e-08"),
+    (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay: -0\.1"),
+    (dict(density=0.0), ValueError, r"Invalid density: 0\.0"),
+    (dict(density=1.5), ValueError, r"Invalid density: 1\.5"),
+    (dict(mask="freeze"), ValueError, r"Invalid mask: 'freeze'"),
+    (dict(importance="hessian"), ValueError, r"Invalid importance: 'hessian'"),
+    (dict(nonfinite="zero"), ValueError, r"Invalid nonfinite: 'zero'"),
+    (dict(backend="cuda"), ValueError, r"Invalid backend: 'cuda'"),
+    (dict(scope="layer"), ValueError, r"Invalid scope: 'layer'"),
+    (dict(importance_beta=1.0), ValueError, r"Invalid importance_beta: 1\.0"),
+    (dict(importance_beta=-0.5), ValueError, r"Invalid importance_beta: -0\.5"),
+    (dict(protect_strength=-1.0), ValueError, r"Invalid protect_strength: -1\.0"),
+    (dict(anchor_decay=-2.0), ValueError, r"Invalid anchor_decay: -2\.0"),
+    (dict(importance_dtype="float16"), ValueError, r"Invalid importance_dtype: 'float16'"),
+    (dict(maximize="yes"), ValueError, r"Invalid maximize: 'yes'"),
+]
+
+
+@pytest.mark.parametrize("options, error, message", BAD_OPTIONS)
+def test_bad_options_raise_at_construction(options, error, message):
+    with pytest.raises(error, match=message):
+        MaskedAdamW([torch.zeros(3, requires_grad=True)], **options)
+
+
+@pytest.mark.parametrize("options, error, message", BAD_OPTIONS)
+def test_bad_group_is_not_added(options, error, message):
+    opt = MaskedAdamW([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(error, match=message):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], **options})
+    assert len(opt.param_groups) == 1
+
+
+def test_bad_group_edit_fails_step_before_any_change():
+    params = [torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = MaskedAdamW([{"params": [params[0]]}, {"params": [params[1]]}], lr=1e-2)
+    set_random_grads(params, torch.Generator().manual_seed(0))
+    opt.step()
+    before = snapshot(opt)
+    opt.param_groups[1]["density"] = 2.0
+    with pytest.raises(ValueError, match=r"Invalid density: 2\.0"):
+        opt.step()
+    assert_bitwise_equal(snapshot(opt), before)
+
+
+def test_integer_params_rejected():
+    with pytest.raises(ValueError, match=r"Invalid param dtype: torch\.int64"):
+        MaskedAdamW([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_sparse_grads_rejected_before_any_change():
+    dense = torch.randn(4, requires_grad=True)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    opt = MaskedAdamW([dense, *embedding.parameters()])
+    dense.grad = torch.ones(4)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(dense, before) and not opt.state
+
+
+def test_triton_backend_where_it_cannot_run_names_the_device(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run on device cpu"):
+        MaskedAdamW([torch.zeros(3, requires_grad=True)], backend="triton")
+
+
+def test_state_tensors_are_not_on_the_gpu_at_import():
+    import masked_optim  # noqa: F401
+
+    if torch.cuda.is_available():
+        assert not torch.cuda.is_initialized()

@@ -1,0 +1,94 @@
+"""Gated-off elements stay bit-identical; realised density follows the target."""
+import pytest
+import torch
+
+from masked_optim import MaskedAdamW
+from tests.helpers import lognormal_grads
+
+
+def _params(shapes=((64, 48), (300,), (17, 5, 3)), dtype=torch.float32):
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scope", ["tensor", "group"])
+def test_select_gated_off_elements_bit_identical(dtype, scope):
+    params = _params(dtype=dtype)
+    opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1, density=0.1, scope=scope, importance_beta=0.9)
+    gen = torch.Generator().manual_seed(0)
+    moved_ever = [torch.zeros(p.shape, dtype=torch.bool) for p in params]
+    for step in range(25):
+        lognormal_grads(params, gen)
+        before = [(p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) if p in opt.state else None for p in params]
+        opt.step()
+        stats = opt.mask_stats()[0]
+        frozen = 0
+        for p, prev, moved in zip(params, before, moved_ever):
+            if prev is None:
+                continue
+            state = opt.state[p]
+            # a gated-on element changes its param or a moment; a gated-off one changes none, so
+            # if any frozen element moved at all, fewer than `frozen` would be unchanged
+            changed = (p != prev[0]) | (state["exp_avg"] != prev[1]) | (state["exp_avg_sq"] != prev[2])
+            frozen += int((~changed).sum())
+            moved |= changed
+        if step > 0:
+            assert frozen == stats["frozen"]
+    # different elements get their turn: the gate is not stuck
+    assert sum(int(m.sum()) for m in moved_ever) > 0.15 * sum(p.numel() for p in params)
+
+
+def test_realised_density_within_spec_bound_on_big_tensor():
+    """With stationary scores (beta_s 0: s = |g| of fresh log-normal grads), the threshold taken
+    from the previous step's histogram holds the density within SPEC's bound."""
+    param = torch.randn(400, 500, requires_grad=True)
+    opt = MaskedAdamW([param], lr=1e-3, density=0.05, importance="magnitude", importance_beta=0.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        lognormal_grads([param], gen, sigma=1.5)
+        opt.step()
+        stats = opt.mask_stats()[0]
+        assert abs(stats["realised_density"] - 0.05) <= 0.005, stats
+        assert stats["updated"] == stats["elements"] - stats["frozen"]
+
+
+def test_protect_freezes_top_anchor_across_steps():
+    params = _params()
+    opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1, density=0.7, mask="protect")
+    gen = torch.Generator().manual_seed(2)
+    lognormal_grads(params, gen)
+    opt.observe()
+    opt.consolidate()
+    start = [p.detach().clone() for p in params]
+    for _ in range(20):
+        lognormal_grads(params, gen)
+        opt.step()
+    for p, p0 in zip(params, start):
+        anchor = opt.state[p]["anchor"]
+        top = anchor >= anchor.quantile(0.75)  # well inside the frozen top 30%
+        bottom = anchor <= anchor.quantile(0.65)  # well inside the moving 70%
+        assert torch.equal(p[top], p0[top])
+        assert (p[bottom] != p0[bottom]).all()
+    assert abs(opt.mask_stats()[0]["realised_density"] - 0.7) <= 0.07
+
+
+def test_protect_without_anchor_moves_everything():
+    params = _params()
+    opt = MaskedAdamW(params, lr=1e-2, density=0.3, mask="protect")
+    lognormal_grads(params, torch.Generator().manual_seed(3))
+    opt.step()
+    stats = opt.mask_stats()[0]
+    assert stats["frozen"] == 0 and stats["realised_density"] == 1.0
+
+
+def test_first_step_and_density_change_derive_threshold_from_current_scores():
+    param = torch.randn(300, 300, requires_grad=True)
+    opt = MaskedAdamW([param], lr=1e-3, density=0.2)
+    gen = torch.Generator().manual_seed(4)
+    lognormal_grads([param], gen)
+    opt.step()
+    assert abs(opt.mask_stats()[0]["realised_density"] - 0.2) <= 0.02
+    opt.param_groups[0]["density"] = 0.5
+    lognormal_grads([param], gen)
+    opt.step()
+    assert abs(opt.mask_stats()[0]["realised_density"] - 0.5) <= 0.05

@@ -1,0 +1,94 @@
+"""observe() touches only importance; consolidate() builds the anchor as SPEC says."""
+import pytest
+import torch
+
+from masked_optim import MaskedAdamW
+from tests.helpers import assert_bitwise_equal, set_random_grads, snapshot
+from tests.tolerances import assert_close
+
+
+def _params():
+    return [torch.randn(30, 20, requires_grad=True), torch.randn(50, requires_grad=True)]
+
+
+@pytest.mark.parametrize("kind", ["fisher", "taylor", "magnitude"])
+def test_observe_changes_only_importance(kind):
+    params = _params()
+    opt = MaskedAdamW(params, lr=1e-2, importance=kind, importance_beta=0.8)
+    gen = torch.Generator().manual_seed(0)
+    set_random_grads(params, gen)
+    opt.step()
+    before = snapshot(opt)
+    set_random_grads(params, gen)
+    expected = []
+    for p in params:
+        g, s = p.grad, opt.state[p]["importance"]
+        x = {"fisher": g * g, "taylor": (g * p.detach()).abs(), "magnitude": g.abs()}[kind]
+        expected.append(0.8 * s + 0.2 * x)
+    opt.observe()
+    after = snapshot(opt)
+    for index, p in enumerate(params):
+        assert_close(opt.state[p]["importance"], expected[index], "importance")
+        assert after[(index, "importance_step")] == before[(index, "importance_step")] + 1
+        for key in ("param", "exp_avg", "exp_avg_sq", "step", "threshold"):
+            assert torch.equal(after[(index, key)], before[(index, key)]), key
+
+
+@pytest.mark.parametrize("how", ["max", "sum"])
+def test_consolidate_tensor_scope(how):
+    params = _params()
+    opt = MaskedAdamW(params, lr=1e-2, anchor_decay=1.0, importance_beta=0.5)
+    gen = torch.Generator().manual_seed(1)
+    set_random_grads(params, gen)
+    opt.observe()
+    first = [opt.state[p]["importance"] / opt.state[p]["importance"].mean() for p in params]
+    opt.consolidate(how)
+    for p, a in zip(params, first):
+        assert_close(opt.state[p]["anchor"], a, "first anchor")
+    set_random_grads(params, gen, scale=3.0)
+    opt.observe()
+    opt.observe()
+    second = [opt.state[p]["importance"] / opt.state[p]["importance"].mean() for p in params]
+    with torch.no_grad():
+        params[0].add_(1.0)
+    opt.consolidate(how)
+    for p, a, b in zip(params, first, second):
+        combined = torch.maximum(a, b) if how == "max" else a + b
+        state = opt.state[p]
+        assert_close(state["anchor"], combined / combined.mean(), "combined anchor")
+        assert state["anchor"].double().mean().item() == pytest.approx(1.0, rel=1e-6)
+        assert not state["importance"].any() and state["importance_step"] == 0
+        assert torch.equal(state["anchor_param"], p.detach()) and state["anchor_param"] is not p
+        assert state["threshold"] == -1
+
+
+def test_consolidate_group_scope_normalises_over_the_group():
+    params = _params()
+    opt = MaskedAdamW(params, lr=1e-2, scope="group")
+    set_random_grads(params, torch.Generator().manual_seed(2))
+    params[1].grad *= 10
+    opt.observe()
+    flat = torch.cat([opt.state[p]["importance"].reshape(-1) for p in params])
+    expected = flat / flat.mean()
+    opt.consolidate()
+    got = torch.cat([opt.state[p]["anchor"].reshape(-1) for p in params])
+    assert_close(got, expected, "group anchor")
+    assert opt.state[params[1]]["anchor"].mean() > 10 * opt.state[params[0]]["anchor"].mean()
+    assert "anchor_param" not in opt.state[params[0]]  # anchor_decay 0: no copy kept
+
+
+def test_consolidate_rejects_unknown_how():
+    opt = MaskedAdamW(_params())
+    with pytest.raises(ValueError, match="how.*'mean'"):
+        opt.consolidate("mean")
+
+
+def test_consolidate_with_zero_importance_keeps_zero_anchor():
+    params = _params()
+    opt = MaskedAdamW(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.observe()
+    opt.consolidate()
+    for p in params:
+        assert not opt.state[p]["anchor"].any() and opt.state[p]["anchor"].isfinite().all()

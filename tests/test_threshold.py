@@ -1,0 +1,92 @@
+"""The histogram threshold rule against exact order statistics (kthvalue)."""
+import zlib
+
+import pytest
+import torch
+
+from masked_optim import threshold as thr
+
+N = 200_000
+
+
+def _scores(kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "lognormal":
+        return torch.exp(torch.randn(N, generator=gen) * 1.5 - 4)
+    if kind == "lognormal_narrow":
+        return torch.exp(torch.randn(N, generator=gen) * 0.8)
+    if kind == "pareto":  # heavy tail, alpha 1.1
+        return torch.rand(N, generator=gen).clamp_min(1e-12).pow(-1 / 1.1)
+    if kind == "cauchy_abs":  # heavy tail from |Cauchy|
+        return torch.tan((torch.rand(N, generator=gen) - 0.5) * 3.14159).abs()
+    if kind == "fisher":  # squared normal grads of varied scale, as g^2 importance
+        return (torch.randn(N, generator=gen) * torch.exp(torch.randn(N, generator=gen))) ** 2
+    raise ValueError(kind)
+
+
+def _bound(density: float) -> float:
+    return max(0.1 * density, 0.002)
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "lognormal_narrow", "pareto", "cauchy_abs", "fisher"])
+@pytest.mark.parametrize("density", [0.7, 0.3, 0.1, 0.02, 0.005])
+def test_select_density_within_bound(kind, density):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}{density}".encode()))
+    scores = _scores(kind, gen)
+    bins = thr.score_bins(scores)
+    tau = thr.threshold_bin(thr.histogram(scores), density, protect=False)
+    realised = thr.gate(bins, tau, protect=False).double().mean().item()
+    assert abs(realised - density) <= _bound(density)
+    # the exact top-k threshold falls in the threshold bin or its neighbour
+    k = N - int(round(density * N)) + 1
+    exact = scores.kthvalue(k).values
+    assert abs(int(thr.score_bins(exact)) - int(tau)) <= 1
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "pareto"])
+@pytest.mark.parametrize("density", [0.9, 0.5, 0.1])
+def test_protect_density_within_bound(kind, density):
+    gen = torch.Generator().manual_seed(7)
+    anchor = _scores(kind, gen)
+    tau = thr.threshold_bin(thr.histogram(anchor), density, protect=True)
+    realised = thr.gate(thr.score_bins(anchor), tau, protect=True).double().mean().item()
+    assert abs(realised - density) <= _bound(density)
+
+
+def test_protect_never_freezes_zero_anchor():
+    gen = torch.Generator().manual_seed(8)
+    anchor = torch.exp(torch.randn(N, generator=gen))
+    anchor[: N // 2] = 0.0  # half the layer had no importance at all
+    tau = thr.threshold_bin(thr.histogram(anchor), 0.2, protect=True)
+    moving = thr.gate(thr.score_bins(anchor), tau, protect=True)
+    assert moving[: N // 2].all()
+    # the best the rule can do is move only the zeros
+    assert moving.double().mean().item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.25, 0.5, 0.8])
+def test_ties_share_one_gate_closest_to_target(density):
+    gen = torch.Generator().manual_seed(9)
+    values = torch.tensor([0.0, 1e-6, 3e-3, 0.5, 2.0, 7.0])
+    weights = torch.tensor([0.3, 0.25, 0.2, 0.12, 0.08, 0.05])
+    scores = values[torch.multinomial(weights, N, replacement=True, generator=gen)]
+    tau = thr.threshold_bin(thr.histogram(scores), density, protect=False)
+    moving = thr.gate(thr.score_bins(scores), tau, protect=False)
+    for value in values:
+        tied = moving[scores == value]
+        assert tied.all() or not tied.any(), f"tied scores {value} got different gates"
+    achievable = [(scores >= v).double().mean().item() for v in values] + [0.0]
+    best = min(abs(a - density) for a in achievable)
+    assert abs(moving.double().mean().item() - density) == pytest.approx(best)
+
+
+def test_bins_are_monotone_in_value():
+    gen = torch.Generator().manual_seed(10)
+    scores = torch.sort(torch.exp(torch.randn(10_000, generator=gen) * 10)).values
+    bins = thr.score_bins(scores)
+    assert (bins[1:] >= bins[:-1]).all()
+    assert thr.score_bins(torch.tensor([0.0, -0.0])).tolist() == [0, 0]
+
+
+def test_threshold_value_reports_bin_edge():
+    assert thr.threshold_value(int(thr.score_bins(torch.tensor(1.0)))) == 1.0
+    assert thr.threshold_value(thr.UNKNOWN) != thr.threshold_value(thr.UNKNOWN)  # NaN
