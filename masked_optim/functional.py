@@ -34,6 +34,8 @@ class TensorState:
     threshold_known: bool = False
     anchor: Optional[Tensor] = None
     anchor_param: Optional[Tensor] = None
+    #: process groups the tensor is sharded across (FSDP2); unit histograms are summed over them
+    shard_groups: tuple = ()
 
 
 @dataclass

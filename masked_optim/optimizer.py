@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from masked_optim import backends, consolidation, functional
 from masked_optim import threshold as thr
+from masked_optim.distributed import local, shard_groups
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.options import DEFAULTS, validate_group, validate_param
 from masked_optim.reference import math_dtype
@@ -195,12 +196,13 @@ class MaskedAdamW(Optimizer):
             params.append(param)
             tensors.append(
                 TensorState(
-                    param=_real(param), grad=_real(param.grad), exp_avg=_real(state["exp_avg"]),
-                    exp_avg_sq=_real(state["exp_avg_sq"]), importance=state["importance"],
-                    step=state["step"], importance_step=state["importance_step"],
-                    threshold=state["threshold"], threshold_known=state["threshold_for"] == key,
-                    anchor=state.get("anchor"),
-                    anchor_param=_real(state["anchor_param"]) if "anchor_param" in state else None,
+                    param=_real(local(param)), grad=_real(local(param.grad)),
+                    exp_avg=_real(local(state["exp_avg"])), exp_avg_sq=_real(local(state["exp_avg_sq"])),
+                    importance=local(state["importance"]), step=state["step"],
+                    importance_step=state["importance_step"], threshold=state["threshold"],
+                    threshold_known=state["threshold_for"] == key, anchor=local(state.get("anchor")),
+                    anchor_param=_real(local(state["anchor_param"])) if "anchor_param" in state else None,
+                    shard_groups=shard_groups(param),
                 )
             )
         return params, tensors
@@ -275,10 +277,13 @@ class MaskedAdamW(Optimizer):
             for unit in unit_lists:
                 states = [self.state[p] for p in unit]
                 anchors = consolidation.combine(
-                    [s["importance"] for s in states], [s.get("anchor") for s in states], how
+                    [local(s["importance"]) for s in states], [local(s.get("anchor")) for s in states],
+                    how, shard_groups(unit[0]),
                 )
                 for param, state, anchor in zip(unit, states, anchors):
-                    state["anchor"] = anchor.to(self._importance_dtype(group))
+                    if "anchor" not in state:
+                        state["anchor"] = torch.zeros_like(state["importance"])
+                    local(state["anchor"]).copy_(anchor)
                     state["importance"].zero_()
                     state["importance_step"].zero_()
                     state["threshold"].fill_(thr.UNKNOWN)
@@ -316,8 +321,8 @@ class MaskedAdamW(Optimizer):
         for state in self.state.values():
             for key, value in state.items():
                 if isinstance(value, Tensor):
-                    local = value.to_local() if hasattr(value, "to_local") else value
-                    sizes[key if key in sizes else "other"] += local.numel() * local.element_size()
+                    shard = local(value)
+                    sizes[key if key in sizes else "other"] += shard.numel() * shard.element_size()
         sizes["total"] = sum(sizes.values())
         return sizes
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from masked_optim import threshold as thr
+from masked_optim.distributed import all_reduce_sum
 from masked_optim.functional import GroupHyper, GroupStats, TensorState, units
 
 #: select's score is s / (a + DELTA); the anchor has mean 1 per unit.
@@ -90,6 +91,7 @@ def unit_thresholds(tensors: list[TensorState], scores: list[Optional[Tensor]], 
             derived = stored  # the anchor is fixed between consolidations
         else:
             hist = sum(thr.histogram(scores[i]) for i in members)
+            hist = all_reduce_sum(hist, tensors[members[0]].shard_groups)
             derived = thr.threshold_bin(hist, hyper.density, protect)
         current = torch.where(stored >= 0, stored, derived)
         unit_current.append(current)

@@ -1,0 +1,110 @@
+"""Scenarios run inside each rank of tests/test_distributed.py (gloo, CPU)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+
+from masked_optim import MaskedAdamW
+from tests.tolerances import assert_close
+
+OPTIONS = dict(lr=1e-2, weight_decay=0.01, density=0.3, anchor_decay=5.0, importance_beta=0.9)
+
+
+def model_factory() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # odd sizes give uneven shards; the 1-output head's bias is an empty shard on rank 1
+    return torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.Tanh(), torch.nn.Linear(7, 9), torch.nn.Tanh(), torch.nn.Linear(9, 1))
+
+
+def batches(steps: int, rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [(torch.randn(16, 13, generator=gen), torch.randn(16, 1, generator=gen)) for _ in range(steps)]
+
+
+def train(model, opt, data, consolidate_at=None) -> None:
+    for index, (x, y) in enumerate(data):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if index == consolidate_at:
+            opt.consolidate()
+
+
+def _full(tensor):
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def scenario_ddp(rank: int, world: int) -> None:
+    model = torch.nn.parallel.DistributedDataParallel(model_factory())
+    opt = MaskedAdamW(model.parameters(), **OPTIONS)
+    train(model, opt, batches(8, rank), consolidate_at=3)  # different data on every rank
+    for p in model.parameters():
+        gathered = [torch.empty_like(p) for _ in range(world)]
+        dist.all_gather(gathered, p.detach())
+        assert all(torch.equal(g, gathered[0]) for g in gathered), "DDP ranks diverged"
+
+
+def scenario_fsdp2(rank: int, world: int, tmpdir: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+    import torch.distributed.checkpoint as dcp
+
+    data = batches(12)  # the same global batch on every rank: averaged grads equal the single-process ones
+    single = model_factory()
+    single_opt = MaskedAdamW(single.parameters(), **OPTIONS, scope="group")
+    train(single, single_opt, data, consolidate_at=3)
+
+    def sharded():
+        model = model_factory()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, MaskedAdamW(model.parameters(), **OPTIONS, scope="group")
+
+    model, opt = sharded()
+    train(model, opt, data[:6], consolidate_at=3)
+    assert any(p.to_local().numel() == 0 for p in model.parameters()) == (rank == 1)
+    state = get_optimizer_state_dict(model, opt)
+    dcp.save({"optim": state}, checkpoint_id=os.path.join(tmpdir, "ckpt"))
+    saved_params = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, data[6:])
+
+    for p, q in zip(model.parameters(), single.parameters()):
+        assert_close(p.full_tensor(), q.detach(), "FSDP2 param vs single process")
+        threshold, expected = opt.state[p]["threshold"], single_opt.state[q]["threshold"]
+        assert int(threshold) == int(expected) and int(expected) >= 0, (int(threshold), int(expected))
+        for key in ("exp_avg", "importance", "anchor", "anchor_param"):
+            assert_close(_full(opt.state[p][key]), single_opt.state[q][key], key)
+
+    # resume from the DCP checkpoint in a fresh model and optimizer
+    resumed, resumed_opt = sharded()
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), saved_params):
+            p.copy_(q)
+    fresh_state = get_optimizer_state_dict(resumed, resumed_opt)  # DCP's zero-grad, lr-0 init step
+    resumed_opt.consolidate()  # create the anchor entries the checkpoint holds
+    fresh_state = get_optimizer_state_dict(resumed, resumed_opt)
+    dcp.load({"optim": fresh_state}, checkpoint_id=os.path.join(tmpdir, "ckpt"))
+    set_optimizer_state_dict(resumed, resumed_opt, fresh_state)
+    train(resumed, resumed_opt, data[6:])
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(p.to_local(), q.to_local()), "resumed FSDP2 run differs"
+        for key, value in opt.state[q].items():
+            other = resumed_opt.state[p][key]
+            if torch.is_tensor(value):
+                assert torch.equal(_full(other), _full(value)), key
+
+
+def run(rank: int, world: int, port: int, tmpdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        scenario_ddp(rank, world)
+        scenario_fsdp2(rank, world, tmpdir)
+    finally:
+        dist.destroy_process_group()
