@@ -36,6 +36,9 @@ class TensorState:
     anchor_param: Optional[Tensor] = None
     #: process groups the tensor is sharded across (FSDP2); unit histograms are summed over them
     shard_groups: tuple = ()
+    #: user-supplied fixed mask (``set_mask``): False elements never move and stay out of the
+    #: histogram, so ``density`` is a fraction of the allowed elements
+    user_mask: Optional[Tensor] = None
 
 
 @dataclass

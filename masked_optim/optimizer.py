@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from masked_optim import backends, consolidation, functional
 from masked_optim import threshold as thr
-from masked_optim.distributed import local, shard_groups
+from masked_optim.distributed import is_dtensor, local, shard_groups
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.options import DEFAULTS, validate_group, validate_param
 from masked_optim.reference import math_dtype
@@ -22,6 +22,13 @@ _STATE_KINDS = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
 
 def _real(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _real_mask(mask: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
+    """A user mask over a complex param's real view (both parts share the element's gate)."""
+    if mask is None or not param.is_complex():
+        return mask
+    return mask.unsqueeze(-1).expand(*mask.shape, 2)
 
 
 def _threshold_key(group: dict[str, Any]) -> float:
@@ -203,6 +210,7 @@ class MaskedAdamW(Optimizer):
                     threshold_known=state["threshold_for"] == key, anchor=local(state.get("anchor")),
                     anchor_param=_real(local(state["anchor_param"])) if "anchor_param" in state else None,
                     shard_groups=shard_groups(param),
+                    user_mask=_real_mask(local(state.get("user_mask")), param),
                 )
             )
         return params, tensors
@@ -292,6 +300,36 @@ class MaskedAdamW(Optimizer):
                         state["anchor_param"] = param.detach().clone()
                     else:
                         state.pop("anchor_param", None)
+
+    @torch.no_grad()
+    def set_mask(self, param: Tensor, mask: Optional[Tensor]) -> None:
+        """Fix which elements of ``param`` may ever move (e.g. a pruning, FISH or LT-SFT mask).
+
+        Elements where ``mask`` is False keep their parameter and both moments exactly
+        unchanged, whatever the density gate says (their importance is still measured, so
+        ``consolidate`` sees them). The density gate works within the mask: ``density`` is the
+        fraction of the *allowed* elements updated per step, and masked elements stay out of
+        the threshold histogram. ``mask=None`` removes the mask. Under FSDP2 pass the full
+        mask; it is sharded like the parameter.
+        """
+        if not any(param is p for group in self.param_groups for p in group["params"]):
+            raise ValueError("set_mask: param is not managed by this optimizer")
+        group = next(g for g in self.param_groups if any(param is p for p in g["params"]))
+        state = self._init_state(param, group)
+        if mask is None:
+            state.pop("user_mask", None)
+            return
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"set_mask: mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ValueError(f"set_mask: mask shape {tuple(mask.shape)} does not match param shape {tuple(param.shape)}")
+        if is_dtensor(param) and not is_dtensor(mask):
+            from torch.distributed.tensor import distribute_tensor
+
+            mask = distribute_tensor(mask.to(local(param).device), param.device_mesh, param.placements)
+        state["user_mask"] = mask.to(param.device).clone()
+        state["threshold"].fill_(thr.UNKNOWN)  # the unit's population changed
+        state["threshold_for"] = -_threshold_key(group)
 
     def mask_stats(self) -> list[dict[str, Any]]:
         """Per param group, what the last step did (synchronises with the device).

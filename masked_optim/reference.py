@@ -90,7 +90,7 @@ def unit_thresholds(tensors: list[TensorState], scores: list[Optional[Tensor]], 
         if protect and all(tensors[i].threshold_known for i in members):
             derived = stored  # the anchor is fixed between consolidations
         else:
-            hist = sum(thr.histogram(scores[i]) for i in members)
+            hist = sum(thr.histogram(scores[i], where=tensors[i].user_mask) for i in members)
             hist = all_reduce_sum(hist, tensors[members[0]].shard_groups)
             derived = thr.threshold_bin(hist, hyper.density, protect)
         current = torch.where(stored >= 0, stored, derived)
@@ -170,6 +170,8 @@ def step_group(
     stats = GroupStats(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(4)), thresholds=unit_current)
     for t, g, live, score, current, following in zip(tensors, grads, lives, scores, gate_thresholds, next_thresholds):
         k = torch.ones_like(g, dtype=torch.bool) if current is None else thr.gate(thr.score_bins(score), current, protect)
+        if t.user_mask is not None:
+            k = k & t.user_mask
         moving = k if live is None else k & live
         theta = t.param.to(g.dtype)
         pulled = restoring_force(theta, t, lr, hyper)

@@ -10,6 +10,8 @@ them, on the device, without a host synchronisation.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -25,9 +27,12 @@ def score_bins(score: Tensor) -> Tensor:
     return (bits >> BIN_SHIFT) & (NUM_BINS - 1)
 
 
-def histogram(score: Tensor) -> Tensor:
-    """int64 counts of ``score_bins(score)`` over all ``NUM_BINS`` bins."""
-    return torch.bincount(score_bins(score).reshape(-1), minlength=NUM_BINS)
+def histogram(score: Tensor, where: Optional[Tensor] = None) -> Tensor:
+    """int64 counts of ``score_bins(score)`` over all ``NUM_BINS`` bins (only ``where`` if given)."""
+    bins = score_bins(score)
+    if where is not None:
+        bins = bins[where]
+    return torch.bincount(bins.reshape(-1), minlength=NUM_BINS)
 
 
 def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:

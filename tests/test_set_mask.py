@@ -1,0 +1,60 @@
+"""User-supplied fixed masks: masked elements never move; density applies within the mask."""
+import io
+
+import pytest
+import torch
+
+from masked_optim import MaskedAdamW
+from tests.helpers import lognormal_grads
+
+
+def _setup(density=1.0, **options):
+    param = torch.randn(100, 80, requires_grad=True)
+    opt = MaskedAdamW([param], lr=1e-2, weight_decay=0.1, density=density, **options)
+    mask = torch.rand(100, 80, generator=torch.Generator().manual_seed(0)) < 0.4
+    return param, opt, mask
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_masked_elements_stay_bit_identical(density):
+    param, opt, mask = _setup(density, importance_beta=0.0)  # stationary scores: no stale threshold
+    gen = torch.Generator().manual_seed(1)
+    lognormal_grads([param], gen)
+    opt.step()  # some history before the mask arrives
+    opt.set_mask(param, mask)
+    state = opt.state[param]
+    frozen = [param.detach()[~mask].clone(), state["exp_avg"][~mask].clone(), state["exp_avg_sq"][~mask].clone()]
+    for _ in range(10):
+        lognormal_grads([param], gen)
+        opt.step()
+        stats = opt.mask_stats()[0]
+        allowed_updated = stats["updated"] / int(mask.sum())
+        assert abs(allowed_updated - density) <= max(0.1 * density, 0.002) + 0.02
+    for before, after in zip(frozen, (param.detach()[~mask], state["exp_avg"][~mask], state["exp_avg_sq"][~mask])):
+        assert torch.equal(before, after)
+    assert (param.detach()[mask] != 0).all() and state["importance"][~mask].any()
+
+
+def test_mask_survives_state_dict_and_can_be_removed():
+    param, opt, mask = _setup(0.5)
+    opt.set_mask(param, mask)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    param.data = param.data.to(torch.bfloat16)
+    fresh = MaskedAdamW([param], lr=1e-2, density=0.5)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.state[param]["user_mask"].dtype == torch.bool
+    assert torch.equal(fresh.state[param]["user_mask"], mask)
+    fresh.set_mask(param, None)
+    assert "user_mask" not in fresh.state[param]
+
+
+def test_bad_masks_are_rejected():
+    param, opt, mask = _setup()
+    with pytest.raises(ValueError, match=r"mask shape \(80, 100\) does not match param shape \(100, 80\)"):
+        opt.set_mask(param, mask.T)
+    with pytest.raises(ValueError, match="mask must be a bool Tensor, got torch.float32"):
+        opt.set_mask(param, mask.float())
+    with pytest.raises(ValueError, match="param is not managed by this optimizer"):
+        opt.set_mask(torch.zeros(3), torch.ones(3, dtype=torch.bool))
