@@ -5,11 +5,15 @@ The optimizer class owns validation and state; it hands each param group here as
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from masked_optim import threshold as thr
+from masked_optim.distributed import all_reduce_sum
 
 
 @dataclass
@@ -122,3 +126,40 @@ def units(tensors: list[TensorState], scope: str) -> list[list[int]]:
     if scope == "group":
         return [list(range(len(tensors)))] if tensors else []
     return [[index] for index in range(len(tensors))]
+
+
+def unit_thresholds(
+    tensors: list[TensorState],
+    histograms: list[Optional[Callable[[], Tensor]]],
+    hyper: GroupHyper,
+) -> tuple[list, list, list]:
+    """Per tensor: the threshold its gate uses this step and the one stored for the next step;
+    and per unit the threshold used this step. Every backend goes through here.
+
+    ``histograms[i]`` builds tensor i's score histogram (``threshold.histogram``; called only
+    when needed), or is None for a tensor without a gate (protect without anchor, density 1):
+    all its elements move. A unit's histogram is summed over its tensors and over the shards
+    of FSDP2. A stored threshold is used when known; otherwise the step derives it from its
+    own scores, as ``where(stored >= 0, stored, derived)`` on the device (no host sync).
+    """
+    protect = hyper.mask == "protect"
+    gate_thresholds: list[Optional[Tensor]] = [None] * len(tensors)
+    next_thresholds: list[Optional[Tensor]] = [None] * len(tensors)
+    unit_current: list[Tensor] = []
+    for unit in units(tensors, hyper.scope):
+        members = [i for i in unit if histograms[i] is not None]
+        if not members:
+            continue
+        stored = tensors[members[0]].threshold
+        if protect and all(tensors[i].threshold_known for i in members):
+            derived = stored  # the anchor is fixed between consolidations
+        else:
+            hist = sum(histograms[i]() for i in members)
+            hist = all_reduce_sum(hist, tensors[members[0]].shard_groups)
+            derived = thr.threshold_bin(hist, hyper.density, protect)
+        current = torch.where(stored >= 0, stored, derived)
+        unit_current.append(current)
+        for i in members:
+            gate_thresholds[i] = current
+            next_thresholds[i] = derived
+    return gate_thresholds, next_thresholds, unit_current

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from masked_optim import threshold as thr
-from masked_optim.distributed import all_reduce_sum
-from masked_optim.functional import GroupHyper, GroupStats, TensorState, units
+from masked_optim.functional import GroupHyper, GroupStats, TensorState, unit_thresholds
 
 #: select's score is s / (a + DELTA); the anchor has mean 1 per unit.
 DELTA = 1e-3
@@ -69,36 +68,6 @@ def select_score(t: TensorState, importance_beta: float) -> Tensor:
     correction = 1.0 - importance_beta ** _value(t.importance_step)
     s_hat = t.importance.float() / correction
     return s_hat if t.anchor is None else s_hat / (t.anchor.float() + DELTA)
-
-
-def unit_thresholds(tensors: list[TensorState], scores: list[Optional[Tensor]], hyper: GroupHyper) -> tuple[list, list, list]:
-    """Per tensor: the threshold its gate uses this step and the one stored for the next step;
-    and per unit the threshold used this step.
-
-    A stored threshold is used when known; otherwise this step derives it from its own scores.
-    Tensors without a score (protect without anchor, or density 1) get None: all elements move.
-    """
-    protect = hyper.mask == "protect"
-    gate_thresholds: list[Optional[Tensor]] = [None] * len(tensors)
-    next_thresholds: list[Optional[Tensor]] = [None] * len(tensors)
-    unit_current: list[Tensor] = []
-    for unit in units(tensors, hyper.scope):
-        members = [i for i in unit if scores[i] is not None]
-        if not members:
-            continue
-        stored = tensors[members[0]].threshold
-        if protect and all(tensors[i].threshold_known for i in members):
-            derived = stored  # the anchor is fixed between consolidations
-        else:
-            hist = sum(thr.histogram(scores[i], where=tensors[i].user_mask) for i in members)
-            hist = all_reduce_sum(hist, tensors[members[0]].shard_groups)
-            derived = thr.threshold_bin(hist, hyper.density, protect)
-        current = torch.where(stored >= 0, stored, derived)
-        unit_current.append(current)
-        for i in members:
-            gate_thresholds[i] = current
-            next_thresholds[i] = derived
-    return gate_thresholds, next_thresholds, unit_current
 
 
 def soft_scale(t: TensorState, hyper: GroupHyper) -> Optional[Tensor]:
@@ -165,7 +134,11 @@ def step_group(
         lives.append(live)
         scores.append(score)
 
-    gate_thresholds, next_thresholds, unit_current = unit_thresholds(tensors, scores, hyper)
+    histograms = [
+        None if score is None else (lambda score=score, t=t: thr.histogram(score, where=t.user_mask))
+        for score, t in zip(scores, tensors)
+    ]
+    gate_thresholds, next_thresholds, unit_current = unit_thresholds(tensors, histograms, hyper)
     device = tensors[0].param.device if tensors else torch.device("cpu")
     stats = GroupStats(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(4)), thresholds=unit_current)
     for t, g, live, score, current, following in zip(tensors, grads, lives, scores, gate_thresholds, next_thresholds):
