@@ -26,8 +26,8 @@ def resolve(name: str, device: torch.device) -> str:
     ``"auto"`` takes the Triton kernel on CUDA when it can run there, else the reference.
     ``"triton"`` raises RuntimeError, naming the device, where Triton cannot run.
     """
-    if name == "torch":
-        return "torch"
+    if name in ("torch", "compile"):
+        return name
     runs, why = triton_runs_on(device)
     if name == "triton":
         if not runs:

@@ -99,7 +99,7 @@ def masked_adamw(
 ) -> Optional[GroupStats]:
     """Take one MaskedAdamW step over one param group's tensors, in place.
 
-    ``backend`` is a resolved backend name ("torch" or "triton"). ``grad_scale`` is the
+    ``backend`` is a resolved backend name ("torch", "compile" or "triton"). ``grad_scale`` is the
     GradScaler's scale (grads are divided by it); a nonzero ``found_inf`` means the step is
     skipped and nothing at all changes (returns None in that case for the reference backend).
     """
@@ -107,6 +107,10 @@ def masked_adamw(
         from masked_optim import reference
 
         return reference.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+    if backend == "compile":
+        from masked_optim import compiled
+
+        return compiled.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
     if backend == "triton":
         from masked_optim.kernels import launch
 
@@ -128,38 +132,55 @@ def units(tensors: list[TensorState], scope: str) -> list[list[int]]:
     return [[index] for index in range(len(tensors))]
 
 
-def unit_thresholds(
-    tensors: list[TensorState],
-    histograms: list[Optional[Callable[[], Tensor]]],
-    hyper: GroupHyper,
-) -> tuple[list, list, list]:
-    """Per tensor: the threshold its gate uses this step and the one stored for the next step;
-    and per unit the threshold used this step. Every backend goes through here.
+def _gated_units(tensors: list[TensorState], histograms: list, scope: str) -> list[list[int]]:
+    units_ = ([i for i in unit if histograms[i] is not None] for unit in units(tensors, scope))
+    return [members for members in units_ if members]
 
-    ``histograms[i]`` builds tensor i's score histogram (``threshold.histogram``; called only
-    when needed), or is None for a tensor without a gate (protect without anchor, density 1):
-    all its elements move. A unit's histogram is summed over its tensors and over the shards
-    of FSDP2. A stored threshold is used when known; otherwise the step derives it from its
-    own scores, as ``where(stored >= 0, stored, derived)`` on the device (no host sync).
+
+def _derive(tensors: list[TensorState], members: list[int], histograms: list, hyper: GroupHyper) -> Tensor:
+    """A unit's threshold from its histogram, summed over its tensors and FSDP2 shards."""
+    hist = sum(histograms[i]() for i in members)
+    hist = all_reduce_sum(hist, tensors[members[0]].shard_groups)
+    return thr.threshold_bin(hist, hyper.density, hyper.mask == "protect")
+
+
+def gate_thresholds(
+    tensors: list[TensorState], histograms: list[Optional[Callable[[], Tensor]]], hyper: GroupHyper
+) -> tuple[list[Optional[Tensor]], list[Tensor]]:
+    """The threshold each tensor's gate uses this step (None: no gate, all move), and per unit.
+
+    Every backend goes through here and ``next_thresholds``. ``histograms[i]`` builds tensor
+    i's histogram of this step's scores (``threshold.histogram``), or is None for a tensor
+    without a gate (protect without anchor, density 1). A unit uses its stored threshold; one
+    whose threshold may be unknown derives it from this step's scores, as
+    ``where(stored >= 0, stored, derived)`` on the device (no host sync), so the histogram is
+    only built when the host's hint says it may be needed.
     """
-    protect = hyper.mask == "protect"
-    gate_thresholds: list[Optional[Tensor]] = [None] * len(tensors)
-    next_thresholds: list[Optional[Tensor]] = [None] * len(tensors)
-    unit_current: list[Tensor] = []
-    for unit in units(tensors, hyper.scope):
-        members = [i for i in unit if histograms[i] is not None]
-        if not members:
-            continue
+    per_tensor: list[Optional[Tensor]] = [None] * len(tensors)
+    per_unit: list[Tensor] = []
+    for members in _gated_units(tensors, histograms, hyper.scope):
         stored = tensors[members[0]].threshold
-        if protect and all(tensors[i].threshold_known for i in members):
-            derived = stored  # the anchor is fixed between consolidations
+        if all(tensors[i].threshold_known for i in members):
+            current = stored.clone()  # a copy: backends overwrite the stored one mid-step
         else:
-            hist = sum(histograms[i]() for i in members)
-            hist = all_reduce_sum(hist, tensors[members[0]].shard_groups)
-            derived = thr.threshold_bin(hist, hyper.density, protect)
-        current = torch.where(stored >= 0, stored, derived)
-        unit_current.append(current)
+            current = torch.where(stored >= 0, stored, _derive(tensors, members, histograms, hyper))
+        per_unit.append(current)
         for i in members:
-            gate_thresholds[i] = current
-            next_thresholds[i] = derived
-    return gate_thresholds, next_thresholds, unit_current
+            per_tensor[i] = current
+    return per_tensor, per_unit
+
+
+def next_thresholds(
+    tensors: list[TensorState], histograms: list[Optional[Callable[[], Tensor]]], hyper: GroupHyper
+) -> list[Optional[Tensor]]:
+    """The threshold each tensor stores for the next step: select derives it from this step's
+    scores; protect keeps a known one (the anchor is fixed between consolidations)."""
+    per_tensor: list[Optional[Tensor]] = [None] * len(tensors)
+    for members in _gated_units(tensors, histograms, hyper.scope):
+        if hyper.mask == "protect" and all(tensors[i].threshold_known for i in members):
+            following = tensors[members[0]].threshold
+        else:
+            following = _derive(tensors, members, histograms, hyper)
+        for i in members:
+            per_tensor[i] = following
+    return per_tensor

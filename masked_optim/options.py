@@ -14,7 +14,7 @@ MASKS = ("select", "protect")
 IMPORTANCES = ("fisher", "taylor", "magnitude")
 NONFINITE = ("skip", "propagate")
 SCOPES = ("tensor", "group")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "compile", "triton")
 IMPORTANCE_DTYPES = ("float32", "bfloat16")
 
 DEFAULTS: dict[str, Any] = dict(

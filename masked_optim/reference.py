@@ -7,13 +7,14 @@ Under a GradScaler it synchronises once per step to read ``found_inf`` (kernels 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from masked_optim import threshold as thr
-from masked_optim.functional import GroupHyper, GroupStats, TensorState, unit_thresholds
+from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, next_thresholds
 
 #: select's score is s / (a + DELTA); the anchor has mean 1 per unit.
 DELTA = 1e-3
@@ -135,13 +136,14 @@ def step_group(
         scores.append(score)
 
     histograms = [
-        None if score is None else (lambda score=score, t=t: thr.histogram(score, where=t.user_mask))
+        None if score is None else functools.cache(lambda score=score, t=t: thr.histogram(score, where=t.user_mask))
         for score, t in zip(scores, tensors)
     ]
-    gate_thresholds, next_thresholds, unit_current = unit_thresholds(tensors, histograms, hyper)
+    gates, unit_current = gate_thresholds(tensors, histograms, hyper)
+    following_thresholds = next_thresholds(tensors, histograms, hyper)
     device = tensors[0].param.device if tensors else torch.device("cpu")
     stats = GroupStats(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(4)), thresholds=unit_current)
-    for t, g, live, score, current, following in zip(tensors, grads, lives, scores, gate_thresholds, next_thresholds):
+    for t, g, live, score, current, following in zip(tensors, grads, lives, scores, gates, following_thresholds):
         k = torch.ones_like(g, dtype=torch.bool) if current is None else thr.gate(thr.score_bins(score), current, protect)
         if t.user_mask is not None:
             k = k & t.user_mask

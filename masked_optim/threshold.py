@@ -29,10 +29,14 @@ def score_bins(score: Tensor) -> Tensor:
 
 def histogram(score: Tensor, where: Optional[Tensor] = None) -> Tensor:
     """int64 counts of ``score_bins(score)`` over all ``NUM_BINS`` bins (only ``where`` if given)."""
-    bins = score_bins(score)
+    return histogram_of_bins(score_bins(score), where)
+
+
+def histogram_of_bins(bins: Tensor, where: Optional[Tensor] = None) -> Tensor:
+    """int64 counts of precomputed bins (any integer dtype) over all ``NUM_BINS`` bins."""
     if where is not None:
-        bins = bins[where]
-    return torch.bincount(bins.reshape(-1), minlength=NUM_BINS)
+        bins = bins[where.reshape(bins.shape)]
+    return torch.bincount(bins.reshape(-1).long(), minlength=NUM_BINS)
 
 
 def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
@@ -42,15 +46,16 @@ def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
     ``protect``: an element is updated when ``bin < threshold`` (all but the top ``1 - density``
     of the anchor); the threshold is at least 1, so elements with anchor 0 (bin 0) always move.
     Ties between candidate thresholds go to the one that updates more elements.
+    ``hist`` may carry leading batch dimensions (``[units, NUM_BINS]``): one threshold per row.
     """
     counts = hist.to(torch.float64)
-    total = counts.sum()
-    below = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # below[b] = #bins < b
+    total = counts.sum(-1, keepdim=True)
+    below = torch.cat([counts.new_zeros(*counts.shape[:-1], 1), torch.cumsum(counts, -1)], -1)  # below[b] = #bins < b
     updated = below if protect else total - below
     error = (updated - density * total).abs()
     if protect:
-        error[0] = float("inf")
-    return torch.argmin(error)
+        error[..., 0] = float("inf")
+    return torch.argmin(error, dim=-1)
 
 
 def gate(bins: Tensor, threshold: Tensor, protect: bool) -> Tensor:

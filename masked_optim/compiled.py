@@ -1,0 +1,194 @@
+"""The ``compile`` backend: SPEC's step per tensor as one ``torch.compile``-fused loop (CPU path).
+
+Each tensor's whole step — importance, score bins, gate, restoring force, scaled AdamW — is one
+function that ``torch.compile`` (Inductor) turns into a single vectorised loop over the tensor.
+Hyper-parameters and per-step values (lr, bias corrections, ...) arrive packed in one float64
+tensor, so a scheduler changing lr never recompiles; feature flags (importance kind, gate mode,
+anchor present, ...) are Python values and compile one variant each. Score bins are written as
+int16 and counted by ``torch.bincount`` for the next step's threshold. A step whose threshold is
+not known yet runs a first compiled pass that only updates the importance and bins the scores.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from masked_optim import threshold as thr
+from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, next_thresholds
+from masked_optim.reference import DELTA, importance_signal, math_dtype
+
+# index of each value in the packed scalar tensor
+LR, BETA1, BETA2, EPS, WD, BC1, BC2_SQRT, BETA_S, S_CORRECTION, INV_SCALE, LAMBDA, MU = range(12)
+
+
+def _scalars(t: TensorState, hyper: GroupHyper, grad_scale: Optional[Tensor]) -> Tensor:
+    step = float(t.step)
+    lr = float(hyper.lr)
+    values = [
+        lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+        1 - hyper.beta1**step, (1 - hyper.beta2**step) ** 0.5, hyper.importance_beta,
+        1.0 - hyper.importance_beta ** float(t.importance_step), 1.0,
+        hyper.protect_strength, hyper.anchor_decay,
+    ]
+    packed = torch.tensor(values, dtype=torch.float64)
+    if grad_scale is not None:
+        packed[INV_SCALE] = grad_scale.double().reciprocal().float().double()
+    return packed
+
+
+def _grad(grad: Tensor, scalars: Tensor, dtype: torch.dtype, scaled: bool, maximize: bool) -> Tensor:
+    g = grad.to(dtype)
+    if scaled:
+        g = g * scalars[INV_SCALE].to(torch.float32).to(dtype)
+    return -g if maximize else g
+
+
+def _new_importance(param, g, importance, live, scalars, kind):
+    beta = scalars[BETA_S].to(torch.float32)
+    x = importance_signal(g, param.to(g.dtype), kind).to(torch.float32)
+    s_new = importance.float() * beta + x * (1.0 - beta)
+    if live is not None:
+        s_new = torch.where(live, s_new, importance.float())
+    return s_new.to(importance.dtype)
+
+
+def _bins(importance, anchor, scalars, protect):
+    if protect:
+        return thr.score_bins(anchor.float())
+    s_hat = importance.float() / scalars[S_CORRECTION].to(torch.float32)
+    score = s_hat if anchor is None else s_hat / (anchor.float() + DELTA)
+    return thr.score_bins(score)
+
+
+def importance_pass(param, grad, importance, anchor, scalars, *, kind, skip, scaled, maximize, protect):
+    """First pass of a step whose threshold is unknown: update importance, return score bins."""
+    g = _grad(grad, scalars, math_dtype(param.dtype), scaled, maximize)
+    live = torch.isfinite(g) if skip else None
+    s_new = _new_importance(param, g, importance, live, scalars, kind)
+    importance.copy_(s_new)
+    return _bins(s_new, anchor, scalars, protect).to(torch.int16)
+
+
+def fused_step(
+    param, grad, exp_avg, exp_avg_sq, importance, anchor, anchor_param, user_mask, threshold, scalars,
+    *, kind, skip, scaled, maximize, gate, soft, pull, update_importance, want_bins,
+):
+    """One tensor's whole step in place; returns (score bins or None, [updated, frozen, skipped])."""
+    dtype = math_dtype(param.dtype)
+    g = _grad(grad, scalars, dtype, scaled, maximize)
+    live = torch.isfinite(g) if skip else None
+    s_new = _new_importance(param, g, importance, live, scalars, kind) if update_importance else importance
+    bins = _bins(s_new, anchor, scalars, gate == "protect") if (gate is not None or want_bins) else None
+    k = torch.ones_like(g, dtype=torch.bool) if gate is None else thr.gate(bins.to(torch.int64), threshold, gate == "protect")
+    if user_mask is not None:
+        k = k & user_mask
+    moving = k if live is None else k & live
+    theta = param.to(dtype)
+    lr = scalars[LR].to(dtype)
+    pulled = theta
+    if pull:
+        weight = (anchor.to(dtype) * (lr * scalars[MU].to(dtype))).clamp(max=1.0)
+        pulled = theta.lerp(anchor_param.to(dtype), weight)
+    lr_element = lr / (1.0 + scalars[LAMBDA].to(dtype) * anchor.to(dtype)) if soft else lr
+    beta1, beta2 = scalars[BETA1].to(dtype), scalars[BETA2].to(dtype)
+    m = exp_avg + (1 - beta1) * (g - exp_avg)
+    v = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    denom = v.sqrt() / scalars[BC2_SQRT].to(dtype) + scalars[EPS].to(dtype)
+    new_theta = pulled * (1 - lr_element * scalars[WD].to(dtype)) - (lr_element / scalars[BC1].to(dtype)) * m / denom
+    param.copy_(torch.where(moving, new_theta, theta).to(param.dtype))
+    exp_avg.copy_(torch.where(moving, m, exp_avg))
+    exp_avg_sq.copy_(torch.where(moving, v, exp_avg_sq))
+    if update_importance:
+        importance.copy_(s_new)
+    counts = torch.stack([
+        moving.sum(), (~k).sum(), torch.zeros((), dtype=torch.int64) if live is None else (~live).sum()
+    ])
+    return (bins.to(torch.int16) if want_bins else None), counts
+
+
+#: one compiled variant per combination of feature flags (and sizes 1 and n): more than
+#: dynamo's default of 8 per function, so calls raise the limit locally
+RECOMPILE_LIMIT = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_function(name: str):
+    function = {"fused_step": fused_step, "importance_pass": importance_pass}[name]
+    return torch.compile(function, dynamic=True, fullgraph=True)
+
+
+def _compiled(name: str):
+    function = _compiled_function(name)
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return function(*args, **kwargs)
+
+    return call
+
+
+def _flat(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    if tensor is None:
+        return None
+    if not tensor.is_contiguous():
+        raise ValueError("backend='compile' needs contiguous params and state (got a non-contiguous tensor)")
+    return tensor.view(-1)
+
+
+def step_group(
+    tensors: list[TensorState],
+    hyper: GroupHyper,
+    *,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> Optional[GroupStats]:
+    """One MaskedAdamW step of one param group through the compiled per-tensor loops."""
+    if found_inf is not None and bool(found_inf.item()):
+        return None  # like the reference: the scaler skipped this step, nothing changes
+    protect = hyper.mask == "protect"
+    flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
+    has_gate = [hyper.density < 1.0 and not (protect and t.anchor is None) for t in tensors]
+    bins: list[Optional[Tensor]] = [None] * len(tensors)
+    histograms = [
+        (lambda i=i: thr.histogram_of_bins(bins[i], tensors[i].user_mask)) if gated else None
+        for i, gated in enumerate(has_gate)
+    ]
+    scalars = []
+    for i, t in enumerate(tensors):
+        t.step += 1
+        t.importance_step += 1
+        scalars.append(_scalars(t, hyper, grad_scale))
+        if t.param.numel() == 0:
+            bins[i] = torch.zeros(0, dtype=torch.int16, device=t.param.device)
+        elif has_gate[i] and not t.threshold_known:  # first pass: this step's scores set the gate
+            bins[i] = _compiled("importance_pass")(
+                _flat(t.param), _flat(t.grad), _flat(t.importance), _flat(t.anchor), scalars[i],
+                protect=protect, **flags,
+            )
+    gates, per_unit = gate_thresholds(tensors, histograms, hyper)
+    device = tensors[0].param.device if tensors else torch.device("cpu")
+    totals = torch.zeros(3, dtype=torch.int64, device=device)
+    for i, t in enumerate(tensors):
+        if t.param.numel() == 0:
+            continue
+        prepassed = bins[i] is not None
+        main_bins, counts = _compiled("fused_step")(
+            _flat(t.param), _flat(t.grad), _flat(t.exp_avg), _flat(t.exp_avg_sq), _flat(t.importance),
+            _flat(t.anchor), _flat(t.anchor_param), _flat(t.user_mask), gates[i], scalars[i],
+            gate=("protect" if protect else "select") if has_gate[i] else None,
+            soft=t.anchor is not None and hyper.protect_strength != 0.0,
+            pull=t.anchor is not None and t.anchor_param is not None and hyper.anchor_decay != 0.0,
+            update_importance=not prepassed, want_bins=has_gate[i] and not prepassed and not protect,
+            **flags,
+        )
+        if main_bins is not None:
+            bins[i] = main_bins
+        totals += counts
+    for t, following in zip(tensors, next_thresholds(tensors, histograms, hyper)):
+        if following is not None:
+            t.threshold.copy_(following)
+    elements = torch.tensor(sum(t.param.numel() for t in tensors), device=device)
+    return GroupStats(elements=elements, updated=totals[0], frozen=totals[1], skipped=totals[2], thresholds=per_unit)
