@@ -20,18 +20,22 @@ from masked_optim import threshold as thr
 from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, next_thresholds
 from masked_optim.reference import DELTA, importance_signal, math_dtype
 
-# index of each value in the packed scalar tensor
-LR, BETA1, BETA2, EPS, WD, BC1, BC2_SQRT, BETA_S, S_CORRECTION, INV_SCALE, LAMBDA, MU = range(12)
+# index of each value in the packed scalar tensor; products and differences of hyper-parameters
+# are formed in double on the host, exactly as the reference's Python-float arithmetic does
+(LR, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, WD, DECAY, STEP_SIZE, BC1, BC2_SQRT, BETA_S,
+ ONE_MINUS_BETA_S, INV_S_CORRECTION, INV_SCALE, LAMBDA, LR_MU) = range(16)
 
 
 def _scalars(t: TensorState, hyper: GroupHyper, grad_scale: Optional[Tensor]) -> Tensor:
     step = float(t.step)
     lr = float(hyper.lr)
+    bias_correction1 = 1 - hyper.beta1**step
     values = [
-        lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
-        1 - hyper.beta1**step, (1 - hyper.beta2**step) ** 0.5, hyper.importance_beta,
-        1.0 - hyper.importance_beta ** float(t.importance_step), 1.0,
-        hyper.protect_strength, hyper.anchor_decay,
+        lr, 1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2, hyper.eps, hyper.weight_decay,
+        1 - lr * hyper.weight_decay, lr / bias_correction1, bias_correction1,
+        (1 - hyper.beta2**step) ** 0.5, hyper.importance_beta, 1.0 - hyper.importance_beta,
+        1.0 / (1.0 - hyper.importance_beta ** float(t.importance_step)), 1.0, hyper.protect_strength,
+        lr * hyper.anchor_decay,
     ]
     packed = torch.tensor(values, dtype=torch.float64)
     if grad_scale is not None:
@@ -47,9 +51,8 @@ def _grad(grad: Tensor, scalars: Tensor, dtype: torch.dtype, scaled: bool, maxim
 
 
 def _new_importance(param, g, importance, live, scalars, kind):
-    beta = scalars[BETA_S].to(torch.float32)
     x = importance_signal(g, param.to(g.dtype), kind).to(torch.float32)
-    s_new = importance.float() * beta + x * (1.0 - beta)
+    s_new = importance.float() * scalars[BETA_S].float() + x * scalars[ONE_MINUS_BETA_S].float()
     if live is not None:
         s_new = torch.where(live, s_new, importance.float())
     return s_new.to(importance.dtype)
@@ -58,7 +61,7 @@ def _new_importance(param, g, importance, live, scalars, kind):
 def _bins(importance, anchor, scalars, protect):
     if protect:
         return thr.score_bins(anchor.float())
-    s_hat = importance.float() / scalars[S_CORRECTION].to(torch.float32)
+    s_hat = importance.float() * scalars[INV_S_CORRECTION].float()
     score = s_hat if anchor is None else s_hat / (anchor.float() + DELTA)
     return thr.score_bins(score)
 
@@ -87,17 +90,18 @@ def fused_step(
         k = k & user_mask
     moving = k if live is None else k & live
     theta = param.to(dtype)
-    lr = scalars[LR].to(dtype)
     pulled = theta
     if pull:
-        weight = (anchor.to(dtype) * (lr * scalars[MU].to(dtype))).clamp(max=1.0)
+        weight = (anchor.to(dtype) * scalars[LR_MU].to(dtype)).clamp(max=1.0)
         pulled = theta.lerp(anchor_param.to(dtype), weight)
-    lr_element = lr / (1.0 + scalars[LAMBDA].to(dtype) * anchor.to(dtype)) if soft else lr
-    beta1, beta2 = scalars[BETA1].to(dtype), scalars[BETA2].to(dtype)
-    m = exp_avg + (1 - beta1) * (g - exp_avg)
-    v = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    m = exp_avg.lerp(g, scalars[ONE_MINUS_BETA1].to(dtype))
+    v = exp_avg_sq * scalars[BETA2].to(dtype) + g * g * scalars[ONE_MINUS_BETA2].to(dtype)
     denom = v.sqrt() / scalars[BC2_SQRT].to(dtype) + scalars[EPS].to(dtype)
-    new_theta = pulled * (1 - lr_element * scalars[WD].to(dtype)) - (lr_element / scalars[BC1].to(dtype)) * m / denom
+    if soft:  # the reference's per-element learning rate lr*c
+        lr_element = (1.0 / (1.0 + scalars[LAMBDA].float() * anchor.float())).to(dtype) * scalars[LR].to(dtype)
+        new_theta = pulled * (1 - lr_element * scalars[WD].to(dtype)) - (lr_element / scalars[BC1].to(dtype)) * m / denom
+    else:
+        new_theta = pulled * scalars[DECAY].to(dtype) - scalars[STEP_SIZE].to(dtype) * (m / denom)
     param.copy_(torch.where(moving, new_theta, theta).to(param.dtype))
     exp_avg.copy_(torch.where(moving, m, exp_avg))
     exp_avg_sq.copy_(torch.where(moving, v, exp_avg_sq))
@@ -117,15 +121,24 @@ RECOMPILE_LIMIT = 64
 @functools.lru_cache(maxsize=None)
 def _compiled_function(name: str):
     function = {"fused_step": fused_step, "importance_pass": importance_pass}[name]
-    return torch.compile(function, dynamic=True, fullgraph=True)
+    # emulate_precision_casts: round a bf16 importance before scoring it, as stored (and as
+    # the reference does); Inductor would otherwise score the unrounded fp32 value
+    return torch.compile(function, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+
+
+#: tensors smaller than this run the same function eagerly: no speed to gain, and no compiled
+#: variant to build for them (dynamo specialises sizes 0 and 1)
+MIN_COMPILED_NUMEL = 4096
 
 
 def _compiled(name: str):
-    function = _compiled_function(name)
+    eager = {"fused_step": fused_step, "importance_pass": importance_pass}[name]
 
     def call(*args, **kwargs):
+        if args[0].numel() < MIN_COMPILED_NUMEL:
+            return eager(*args, **kwargs)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return function(*args, **kwargs)
+            return _compiled_function(name)(*args, **kwargs)
 
     return call
 

@@ -66,8 +66,8 @@ def update_importance(t: TensorState, g: Tensor, live: Optional[Tensor], hyper: 
 
 def select_score(t: TensorState, importance_beta: float) -> Tensor:
     """select's score r = s_hat / (a + delta), s_hat = s / (1 - beta_s^t) (bias-corrected), fp32."""
-    correction = 1.0 - importance_beta ** _value(t.importance_step)
-    s_hat = t.importance.float() / correction
+    inverse_correction = 1.0 / (1.0 - importance_beta ** _value(t.importance_step))
+    s_hat = t.importance.float() * inverse_correction  # a product, so every backend rounds alike
     return s_hat if t.anchor is None else s_hat / (t.anchor.float() + DELTA)
 
 

@@ -1,0 +1,128 @@
+"""backend="compile" (the CPU fast path) against the reference, and no recompiles on lr changes."""
+import pytest
+import torch
+
+from masked_optim import MaskedAdamW
+from tests.tolerances import assert_close
+
+SHAPES = ((1,), (4097,), (123, 431), (0,), (33, 7))
+
+
+def _twin(dtype, groups, **options):
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+
+    def build(params, backend):
+        split = [{"params": params[:2], **groups[0]}, {"params": params[2:], **groups[1]}]
+        return MaskedAdamW(split, lr=1e-2, backend=backend, **options)
+
+    return ours, ref, build(ours, "compile"), build(ref, "torch")
+
+
+def _grads(params, twins, gen, nonfinite=False):
+    for p, q in zip(params, twins):
+        g = (torch.randn(p.shape, generator=gen) * torch.exp(torch.randn(p.shape, generator=gen))).to(p.dtype)
+        if nonfinite and g.numel() > 10:
+            g.view(-1)[3] = float("nan")
+            g.view(-1)[7] = float("inf")
+        p.grad, q.grad = g, g.clone()
+
+
+def _compare(ours, ref, opt, ref_opt, ignore=()):
+    for p, q in zip(ours, ref):
+        assert_close(p.detach(), q.detach(), "param")
+        for key, value in ref_opt.state[q].items():
+            if key in ignore:
+                continue
+            mine = opt.state[p][key]
+            if key in ("threshold", "step", "importance_step", "user_mask") or not torch.is_tensor(value):
+                assert torch.equal(torch.as_tensor(mine), torch.as_tensor(value)), key
+            else:
+                assert_close(mine, value, key)
+    for mine, theirs in zip(opt.mask_stats(), ref_opt.mask_stats()):
+        assert mine == theirs
+
+
+def _touched(param, opt):
+    state = opt.state.get(param, {})
+    fresh = torch.zeros(param.shape, dtype=torch.float32)  # moments before the first step
+    return [param.detach().clone()] + [state[k].clone() if k in state else fresh for k in ("exp_avg", "exp_avg_sq")]
+
+
+def _changed(param, opt, before):
+    """Elements whose param or moments changed: the gated-on ones (a bf16 param alone may not
+    show an update smaller than half its last place)."""
+    now = _touched(param, opt)
+    changed = now[0] != before[0]
+    for new, old in zip(now[1:], before[1:]):
+        changed |= new != old
+    return changed
+
+
+CASES = {
+    "select_soft_pull__protect_group": (
+        torch.float32,
+        [dict(density=0.3, anchor_decay=5.0, protect_strength=2.0), dict(mask="protect", density=0.6, scope="group", importance="taylor", maximize=True)],
+        dict(),
+    ),
+    "bf16_magnitude_nonfinite": (
+        torch.bfloat16,
+        [dict(density=0.5, importance="magnitude", importance_dtype="bfloat16"), dict(density=1.0, anchor_decay=2.0)],
+        dict(nonfinite="skip"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compile_matches_reference(case):
+    dtype, groups, options = CASES[case]
+    ours, ref, opt, ref_opt = _twin(dtype, groups, **options)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        mine, theirs = [_touched(p, opt) for p in ours], [_touched(q, ref_opt) for q in ref]
+        _grads(ours, ref, gen, nonfinite="nonfinite" in case)
+        opt.step()
+        ref_opt.step()
+        for p, q, a, b in zip(ours, ref, mine, theirs):  # identical gates: the same elements moved
+            assert torch.equal(_changed(p, opt, a), _changed(q, ref_opt, b))
+        if step == 2:
+            opt.consolidate()
+            ref_opt.consolidate()
+    _compare(ours, ref, opt, ref_opt)
+
+
+def test_compile_under_grad_scaler():
+    ours, ref, opt, ref_opt = _twin(torch.float32, [dict(density=0.4), dict()])
+    model_scale = 2.0**7
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        _grads(ours, ref, gen)
+        for p in ours:
+            p.grad = p.grad * model_scale
+        opt.grad_scale, opt.found_inf = torch.tensor(model_scale), torch.tensor(0.0)
+        opt.step()
+        ref_opt.step()
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()  # skipped: nothing may change
+    del opt.grad_scale, opt.found_inf
+    _compare(ours, ref, opt, ref_opt, ignore=("threshold_for",))  # the host's hint: conservative under a scaler
+
+
+def test_lr_changes_do_not_recompile():
+    from torch._dynamo.utils import counters
+
+    param = torch.randn(1000, requires_grad=True)
+    opt = MaskedAdamW([param], lr=1e-2, backend="compile", density=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):  # compile both variants (first step derives the threshold)
+        param.grad = torch.randn(1000)
+        opt.step()
+        scheduler.step()
+    frames = counters["stats"]["unique_graphs"]
+    for _ in range(5):
+        param.grad = torch.randn(1000)
+        opt.step()
+        scheduler.step()
+        opt.param_groups[0]["weight_decay"] *= 1.5
+    assert counters["stats"]["unique_graphs"] == frames
