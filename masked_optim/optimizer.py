@@ -177,14 +177,17 @@ class MaskedAdamW(Optimizer):
 
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[param]
+        # the Triton kernels update the counters on the device (a GradScaler-skipped step must
+        # leave them unchanged without a host sync); the reference keeps them on the CPU
+        counters = param.device if backends.resolve(group["backend"], param.device) == "triton" else None
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=counters)
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros_like(param, dtype=self._state_dtype(key, param, group), memory_format=torch.preserve_format)
         if "importance" not in state:
             state["importance"] = torch.zeros_like(_real(param), dtype=self._importance_dtype(group))
-            state["importance_step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["importance_step"] = torch.tensor(0.0, dtype=torch.float32, device=counters)
         if "threshold" not in state:
             state["threshold"] = torch.full((), thr.UNKNOWN, dtype=torch.int64, device=param.device)
             state["threshold_for"] = -_threshold_key(group)

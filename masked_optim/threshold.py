@@ -36,7 +36,7 @@ def histogram_of_bins(bins: Tensor, where: Optional[Tensor] = None) -> Tensor:
     """int64 counts of precomputed bins (any integer dtype) over all ``NUM_BINS`` bins."""
     if where is not None:
         bins = bins[where.reshape(bins.shape)]
-    return torch.bincount(bins.reshape(-1).long(), minlength=NUM_BINS)
+    return torch.bincount(bins.reshape(-1), minlength=NUM_BINS)
 
 
 def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:

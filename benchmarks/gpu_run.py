@@ -1,0 +1,174 @@
+"""One-call GPU check and benchmark: correctness on the device, copy bandwidth, the peer matrix.
+
+    PYTHONPATH=. python benchmarks/gpu_run.py OUTDIR            # a CUDA machine, a few minutes
+    PYTHONPATH=. python benchmarks/gpu_run.py OUTDIR --tiny --device cpu   # CI smoke test
+
+Installs nothing, needs no network. Writes OUTDIR/results.json (device, versions, date,
+correctness, copy bandwidth, every timing with modelled bytes, GB/s and ratios to the peers)
+and prints a short table last. On the CPU the Triton kernels run under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", help="directory for results.json")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test of the whole script")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="stop starting new cases after this many seconds")
+    return parser.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.device == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    GPT2_SMALL_SHAPES, Case, bytes_per_element, copy_bandwidth, interleaved_medians, make_optimizer, make_params,
+)
+from masked_optim import MaskedAdamW  # noqa: E402
+
+
+def cases(tiny: bool) -> list[Case]:
+    if tiny:  # under 4096 elements per tensor: the compile backend runs eagerly, no compile cost
+        sizes = [3000]
+        gpt = [(s[0] // 256 + 1,) + s[1:] for s in GPT2_SMALL_SHAPES[:6]]
+    else:
+        sizes = [1 << 20, 1 << 24, 1 << 26, 1 << 28]
+        gpt = GPT2_SMALL_SHAPES
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for density in (1.0, 0.1):
+            out += [Case(f"one tensor {n}", [(n,)], dtype, density) for n in sizes]
+            out.append(Case("gpt2-small shapes", gpt, dtype, density))
+    return out
+
+
+def implementations(device: str, case: Case) -> list[str]:
+    impls = ["torch_adamw_fused", "torch_adamw_foreach", "masked_triton", "masked_compile"]
+    if case.numel <= (1 << 26):  # the eager reference is many passes: keep its cost bounded
+        impls.append("masked_torch")
+    return impls
+
+
+def correctness(device: str, tiny: bool) -> dict:
+    """Triton vs the reference on the device: several steps on a multi-tensor set."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1,), (4097,), (123, 431), (0,), (1000, 100)] if not tiny else [(1,), (513,), (37, 11)]
+    report = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+        ref = [p.detach().clone().requires_grad_() for p in ours]
+        opts = dict(lr=1e-2, density=0.3, anchor_decay=5.0, protect_strength=1.0)
+        a, b = MaskedAdamW(ours, backend="triton", **opts), MaskedAdamW(ref, backend="torch", **opts)
+        gate_mismatch = 0
+        for step in range(6):
+            mine, theirs = [p.detach().clone() for p in ours], [q.detach().clone() for q in ref]
+            for p, q in zip(ours, ref):
+                g = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+                p.grad, q.grad = g, g.clone()
+            a.step()
+            b.step()
+            if step == 2:
+                a.consolidate()
+                b.consolidate()
+            if dtype == torch.float32:
+                moved = [(p.detach() != x, q.detach() != y) for p, q, x, y in zip(ours, ref, mine, theirs)]
+                gate_mismatch += sum(int((a != b).sum()) for a, b in moved)
+        error = max(
+            (float(((p.detach().float() - q.detach().float()).abs() / (q.detach().float().abs() + 1e-6)).max()) if p.numel() else 0.0)
+            for p, q in zip(ours, ref)
+        )
+        report[str(dtype)] = dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
+    return report
+
+
+def run_case(case: Case, device: str, repeats: int) -> list[dict]:
+    impls = implementations(device, case)
+    optimizers, params = {}, {}
+    fns = {}
+    for impl in impls:
+        params[impl] = make_params(case, device)
+        try:
+            optimizers[impl] = make_optimizer(impl, params[impl], case.density)
+        except (RuntimeError, ValueError) as error:  # e.g. fused AdamW without bf16 support
+            print(f"  skip {impl}: {error}", file=sys.stderr)
+            continue
+        fns[impl] = optimizers[impl].step
+    medians = interleaved_medians(fns, device, repeats)
+    rows = []
+    for impl, seconds in medians.items():
+        model = bytes_per_element(impl, case.dtype)
+        rows.append(dict(
+            case=case.name, dtype=str(case.dtype).removeprefix("torch."), density=case.density, numel=case.numel,
+            tensors=len(case.shapes), impl=impl, seconds=seconds, bytes_per_element=model,
+            gbps=model * case.numel / seconds / 1e9,
+        ))
+    for row in rows:
+        for peer in ("torch_adamw_fused", "masked_torch", "masked_compile"):
+            if peer in medians:
+                row[f"ratio_to_{peer}"] = row["seconds"] / medians[peer]
+    del optimizers, params
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    args = ARGS or _parse()
+    device = args.device
+    repeats = args.repeats or (2 if args.tiny else 10)
+    os.makedirs(args.outdir, exist_ok=True)
+    started = time.monotonic()
+    import triton
+
+    result = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+        tiny=args.tiny, repeats=repeats,
+    )
+    result["correctness"] = correctness(device, args.tiny)
+    result["copy_gbps"] = copy_bandwidth(device, 1 << 12 if args.tiny else 1 << 28)
+    result["rows"] = []
+    for case in cases(args.tiny):
+        if time.monotonic() - started > args.budget_s:
+            result.setdefault("skipped_cases", []).append(f"{case.name} {case.dtype} {case.density}")
+            continue
+        print(f"{case.name} {case.dtype} density {case.density} ...", file=sys.stderr, flush=True)
+        for row in run_case(case, device, repeats):
+            row["fraction_of_copy"] = row["gbps"] / result["copy_gbps"]
+            result["rows"].append(row)
+    path = os.path.join(args.outdir, "results.json")
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print_table(result)
+    print(f"wrote {path}")
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['device']}  torch {result['torch']}  triton {result['triton']}  {result['date']}")
+    print(f"correctness: {json.dumps(result['correctness'])}")
+    print(f"copy bandwidth: {result['copy_gbps']:.1f} GB/s")
+    header = f"{'case':<22} {'dtype':<8} {'dens':>4} {'impl':<20} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'x fused':>8}"
+    print(header)
+    for row in result["rows"]:
+        print(
+            f"{row['case']:<22} {row['dtype']:<8} {row['density']:>4} {row['impl']:<20} {row['seconds'] * 1e3:>9.3f}"
+            f" {row['gbps']:>8.1f} {100 * row['fraction_of_copy']:>6.1f} {row.get('ratio_to_torch_adamw_fused', float('nan')):>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

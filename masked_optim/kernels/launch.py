@@ -1,0 +1,225 @@
+"""The Triton backend's entry point: one MaskedAdamW step of one param group, no host sync.
+
+Per step and group the launches are, whatever the number of tensors:
+  1. (gated groups whose stored thresholds the host cannot vouch for) the score-histogram
+     pre-pass, one launch per bucket, then ``threshold.threshold_bin`` over all units at once;
+  2. the step kernel, one launch per bucket (buckets: distinct dtype/feature combinations);
+  3. (select with density < 1) ``threshold.threshold_bin`` of this step's histogram;
+  4. the finish kernel (one program): step counters, next thresholds, stats, all conditional on
+     ``found_inf`` on the device.
+Grid, memory layout and what each kernel writes: ``step_kernel`` and ``finish_kernel``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from masked_optim import threshold as thr
+from masked_optim.distributed import all_reduce_sum
+from masked_optim.functional import GroupHyper, GroupStats, TensorState, units
+from masked_optim.kernels import layout, stats, tables
+from masked_optim.kernels.finish_kernel import _finish_step_kernel
+from masked_optim.kernels.step_kernel import _masked_adamw_kernel, _score_histogram_kernel
+from masked_optim.reference import DELTA
+
+#: elements per program: large under the interpreter (per-program overhead), GPU-sized on CUDA
+_BLOCK = {"cpu": 32768, "cuda": 1024}
+_NUM_WARPS = 4
+_FINISH_BLOCK = 1024
+
+
+def _hyper_table(hyper: GroupHyper, device: torch.device) -> Tensor:
+    """The float64 hyper table on ``device``; a Tensor lr is copied in on the device (no sync)."""
+    values = [0.0] * layout.HYPER_FIELDS
+    values[layout.BETA1] = hyper.beta1
+    values[layout.BETA2] = hyper.beta2
+    values[layout.ONE_MINUS_BETA1] = 1 - hyper.beta1
+    values[layout.ONE_MINUS_BETA2] = 1 - hyper.beta2
+    values[layout.EPS] = hyper.eps
+    values[layout.WEIGHT_DECAY] = hyper.weight_decay
+    values[layout.IMPORTANCE_BETA] = hyper.importance_beta
+    values[layout.ONE_MINUS_IMPORTANCE_BETA] = 1.0 - hyper.importance_beta
+    values[layout.PROTECT_STRENGTH] = hyper.protect_strength
+    values[layout.ANCHOR_DECAY] = hyper.anchor_decay
+    values[layout.IMPORTANCE_KIND] = layout.IMPORTANCE_KINDS[hyper.importance]
+    values[layout.PROTECT] = float(hyper.mask == "protect")
+    values[layout.MAXIMIZE] = float(hyper.maximize)
+    values[layout.SKIP_NONFINITE] = float(hyper.nonfinite == "skip")
+    values[layout.SELECT_DELTA] = DELTA
+    lr_is_tensor = isinstance(hyper.lr, Tensor)
+    if not lr_is_tensor:
+        values[layout.LR] = float(hyper.lr)
+    table = torch.tensor(values, dtype=torch.float64)
+    if lr_is_tensor and hyper.lr.device.type == "cpu":
+        table[layout.LR : layout.LR + 1].copy_(hyper.lr.detach().reshape(1))
+    table = table.to(device, non_blocking=True)
+    if lr_is_tensor and hyper.lr.device.type != "cpu":
+        table[layout.LR : layout.LR + 1].copy_(hyper.lr.detach().reshape(1))
+    return table
+
+
+def _counters(tensors: list[TensorState], device: torch.device, found_inf: Optional[Tensor]) -> tuple[list[tuple[Tensor, Tensor]], bool]:
+    """The (step, importance_step) tensors the kernels read and the finish kernel increments.
+
+    Counters on the params' device are used in place. Counters elsewhere (CPU counters of CUDA
+    params, e.g. from a reference-backend checkpoint) are copied to the device and incremented
+    on the host afterwards, which is only correct when no ``found_inf`` can skip the step.
+    Returns the counters and whether the host must increment the originals.
+    """
+    on_device = all(
+        c.device == device and c.dtype == torch.float32 and c.numel() == 1
+        for t in tensors for c in (t.step, t.importance_step)
+    )
+    if on_device:
+        return [(t.step, t.importance_step) for t in tensors], False
+    if found_inf is not None:
+        raise RuntimeError(
+            f"backend='triton' under a GradScaler needs the step counters on {device} (found "
+            f"{tensors[0].step.device}): the skipped-step check happens on the device. Move "
+            f"state['step'] and state['importance_step'] to the param's device."
+        )
+    copies = torch.stack([c.detach().reshape(()).float() for t in tensors for c in (t.step, t.importance_step)]).to(device)
+    return [(copies[2 * i], copies[2 * i + 1]) for i in range(len(tensors))], True
+
+
+def _reduce(histogram: Tensor, unit_first: list[int], tensors: list[TensorState]) -> Tensor:
+    """Sum each unit's histogram over the process groups its tensors are sharded across (FSDP2)."""
+    groups = [tensors[first].shard_groups for first in unit_first]
+    if not any(groups):
+        return histogram
+    if all(g == groups[0] for g in groups):
+        return all_reduce_sum(histogram, groups[0])
+    for row, unit_groups in zip(histogram, groups):
+        all_reduce_sum(row, unit_groups)
+    return histogram
+
+
+def _compile_options(device: torch.device) -> dict:
+    """Launch options: no fp contraction when compiled (the reference rounds every op but its
+    lerp/addcmul fmas, which the kernels spell out); none under the interpreter."""
+    return {} if device.type == "cpu" else {"num_warps": _NUM_WARPS, "enable_fp_fusion": False}
+
+
+def _check_device(tensors: list[TensorState], device: torch.device, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    for t in tensors:
+        for name in ("param", "grad", "exp_avg", "exp_avg_sq", "importance", "threshold", "anchor", "anchor_param", "user_mask"):
+            tensor = getattr(t, name)
+            if tensor is not None and tensor.device != device:
+                raise ValueError(f"backend='triton' needs every tensor of a group on one device: {name} is on {tensor.device}, the first param on {device}")
+    for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"backend='triton' needs {name} on {device}, got {tensor.device}")
+
+
+def step_group(
+    tensors: list[TensorState],
+    hyper: GroupHyper,
+    *,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> GroupStats:
+    """One MaskedAdamW step of one param group on the device, in place (``reference.step_group``).
+
+    Computes what ``reference.step_group`` computes, for params in float32, bfloat16, float16
+    or float64, without reading anything back to the host. ``grad_scale`` (float32 [1]) unscales
+    the grads; a nonzero ``found_inf`` (float32 [1]) leaves params, moments, importance, step
+    counters, thresholds and the returned stats unchanged. The returned ``GroupStats`` are views
+    of per-group device buffers that always hold the last step taken.
+    """
+    device = tensors[0].param.device
+    if device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError(
+            f"backend='triton' cannot run on {device} under TRITON_INTERPRET=1: the interpreter copies "
+            "kernel arguments to the host, but the kernels reach the tensors through device addresses"
+        )
+    _check_device(tensors, device, grad_scale, found_inf)
+    block = _BLOCK.get(device.type, _BLOCK["cuda"])
+    options = _compile_options(device)
+    gated = hyper.density < 1.0
+    protect = hyper.mask == "protect"
+    scored = [gated and not (protect and t.anchor is None) for t in tensors]
+    unit_members = [members for members in ([i for i in unit if scored[i]] for unit in units(tensors, hyper.scope)) if members]
+    unit_of = [-1] * len(tensors)
+    for index, members in enumerate(unit_members):
+        for i in members:
+            unit_of[i] = index
+    unit_first = [members[0] for members in unit_members]
+    unit_known = [all(tensors[i].threshold_known for i in members) for members in unit_members]
+
+    inputs = [tables.flat_inputs(t) for t in tensors]
+    keys = [tables.bucket_key(t, grad, mask, scored[i]) for i, (t, (grad, mask)) in enumerate(zip(tensors, inputs))]
+    counters, host_counters = _counters(tensors, device, found_inf)
+    group = tables.group_tables(tensors, inputs, counters, keys, unit_of, unit_first, unit_known, block, device)
+    hyper_table = _hyper_table(hyper, device)
+    counts = group.fresh_counts.clone()
+    stats_counts, stats_thresholds = stats.stats_buffers(tensors[0].threshold, group.unit_count)
+    histogram_shape = (group.unit_count, thr.NUM_BINS)
+    grad_scale_arg = grad_scale if grad_scale is not None else hyper_table
+    found_inf_arg = found_inf if found_inf is not None else hyper_table
+
+    prepass = not all(unit_known)
+    prepass_thresholds = group.unknown_thresholds
+    prepass_histogram = None
+    if prepass:
+        prepass_histogram = torch.zeros(histogram_shape, dtype=torch.int32, device=device)
+        for bucket in group.buckets:
+            key = bucket.key
+            if not key.gated or bucket.blocks == 0:
+                continue
+            _score_histogram_kernel[(bucket.blocks,)](
+                group.tensor_table, bucket.block_table, group.unit_table, hyper_table,
+                grad_scale_arg, found_inf_arg, prepass_histogram,
+                PARAM_DTYPE=tables.TRITON_DTYPES[key.param], GRAD_DTYPE=tables.TRITON_DTYPES[key.grad],
+                MATH_DTYPE=tables.TRITON_DTYPES[key.math], IMPORTANCE_DTYPE=tables.TRITON_DTYPES[key.importance],
+                ANCHOR_DTYPE=tables.TRITON_DTYPES[key.anchor or key.importance],
+                HAS_ANCHOR=key.anchor is not None, HAS_USER_MASK=key.user_mask,
+                HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+                BLOCK=block, **options,
+            )
+        prepass_histogram = _reduce(prepass_histogram, unit_first, tensors)
+        prepass_thresholds = thr.threshold_bin(prepass_histogram, hyper.density, protect)
+
+    histogram = torch.zeros(histogram_shape, dtype=torch.int32, device=device) if gated and not protect and group.unit_count else counts
+    for bucket in group.buckets:
+        key = bucket.key
+        if bucket.blocks == 0:
+            continue
+        _masked_adamw_kernel[(bucket.blocks,)](
+            group.tensor_table, bucket.block_table, group.unit_table if group.unit_count else counts, hyper_table,
+            grad_scale_arg, found_inf_arg, prepass_thresholds if group.unit_count else counts, histogram, counts,
+            PARAM_DTYPE=tables.TRITON_DTYPES[key.param], GRAD_DTYPE=tables.TRITON_DTYPES[key.grad],
+            MATH_DTYPE=tables.TRITON_DTYPES[key.math], IMPORTANCE_DTYPE=tables.TRITON_DTYPES[key.importance],
+            ANCHOR_DTYPE=tables.TRITON_DTYPES[key.anchor or key.importance],
+            ANCHOR_PARAM_DTYPE=tables.TRITON_DTYPES[key.anchor_param or key.param],
+            HAS_ANCHOR=key.anchor is not None, HAS_ANCHOR_PARAM=key.anchor_param is not None,
+            HAS_USER_MASK=key.user_mask, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, GATED=key.gated, HISTOGRAM=key.gated and not protect,
+            PREPASS_RAN=prepass, EMULATE_FMA=device.type == "cpu", BLOCK=block, **options,
+        )
+
+    next_thresholds = None
+    if gated and group.unit_count and not protect:
+        histogram = _reduce(histogram, unit_first, tensors)
+        if prepass_histogram is not None:
+            histogram = histogram + prepass_histogram
+        next_thresholds = thr.threshold_bin(histogram, hyper.density, protect)
+    elif prepass:
+        next_thresholds = prepass_thresholds
+    scratch = torch.empty(max(group.unit_count, 1), dtype=torch.int64, device=device)
+    _finish_step_kernel[(1,)](
+        group.tensor_table, group.tensor_count, group.unit_table if group.unit_count else scratch, group.unit_count,
+        prepass_thresholds if group.unit_count else scratch,
+        next_thresholds if next_thresholds is not None else scratch, scratch, found_inf_arg,
+        counts, stats_counts, stats_thresholds if group.unit_count else scratch,
+        HAS_FOUND_INF=found_inf is not None, HAS_NEXT=next_thresholds is not None, KEEP_KNOWN=protect,
+        BLOCK=_FINISH_BLOCK,
+        **({} if device.type == "cpu" else {"num_warps": _NUM_WARPS}),
+    )
+    if host_counters:
+        for t in tensors:
+            t.step += 1
+            t.importance_step += 1
+    return stats.group_stats(stats_counts, stats_thresholds)

@@ -1,0 +1,289 @@
+"""The fused MaskedAdamW step kernel and its score-histogram pre-pass (SPEC.md "One step").
+
+Memory layout and grid (both kernels)
+-------------------------------------
+A param group's tensors are split into *buckets* of equal dtypes (param, grad, importance,
+anchor, anchor_param) and equal presence of anchor / anchor_param / user mask; each bucket is
+one launch, so launches per step grow with the number of distinct dtype combinations, never
+with the number of tensors. Within a launch every tensor is cut into blocks of ``BLOCK``
+elements; ``grid = (blocks in the bucket,)`` and program ``pid`` handles elements
+``[(pid - first_block) * BLOCK, ... + BLOCK)`` of tensor ``block_table[pid]`` (64-bit offsets,
+so tensors may exceed 2**31 elements). Tensors are addressed through the group's tensor table:
+each row holds int64 data addresses that the kernel casts with ``tl.pointer_type`` (columns in
+``layout.py``). All per-element tensors of a row are flat: ``numel`` elements laid out in the
+same (dense) order as the param, so element ``i`` of each is the same parameter element.
+
+Hyper-parameters are read at run time from the float64 hyper table and rounded to the math
+dtype in the kernel, so a new lr, beta, eps, weight decay, density, protect strength, anchor
+decay, importance kind, mask, maximize or nonfinite setting never recompiles. ``tl.constexpr``
+arguments are dtypes, block size and feature flags (what is loaded at all).
+"""
+import triton
+import triton.language as tl
+
+from masked_optim.kernels import arith, layout
+from masked_optim.threshold import BIN_SHIFT, NUM_BINS
+
+_PARAM = tl.constexpr(layout.PARAM)
+_GRAD = tl.constexpr(layout.GRAD)
+_EXP_AVG = tl.constexpr(layout.EXP_AVG)
+_EXP_AVG_SQ = tl.constexpr(layout.EXP_AVG_SQ)
+_IMPORTANCE = tl.constexpr(layout.IMPORTANCE)
+_ANCHOR = tl.constexpr(layout.ANCHOR)
+_ANCHOR_PARAM = tl.constexpr(layout.ANCHOR_PARAM)
+_USER_MASK = tl.constexpr(layout.USER_MASK)
+_STEP = tl.constexpr(layout.STEP)
+_IMPORTANCE_STEP = tl.constexpr(layout.IMPORTANCE_STEP)
+_NUMEL = tl.constexpr(layout.NUMEL)
+_FIRST_BLOCK = tl.constexpr(layout.FIRST_BLOCK)
+_UNIT = tl.constexpr(layout.UNIT)
+_TENSOR_FIELDS = tl.constexpr(layout.TENSOR_FIELDS)
+_NUM_BINS = tl.constexpr(NUM_BINS)
+_UPDATED = tl.constexpr(layout.UPDATED)
+_FROZEN = tl.constexpr(layout.FROZEN)
+_SKIPPED = tl.constexpr(layout.SKIPPED)
+assert BIN_SHIFT == 16 and NUM_BINS == 1 << 15, "arith.score_bin hard-codes the bin layout"
+
+
+@triton.jit
+def _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor-table row, element offsets and in-bounds mask (empty when found_inf)."""
+    pid = tl.program_id(0)
+    tensor = tl.load(block_table_pointer + pid)
+    row = tensor_table_pointer + tensor.to(tl.int64) * _TENSOR_FIELDS
+    numel = tl.load(row + _NUMEL)
+    first_block = tl.load(row + _FIRST_BLOCK)
+    offsets = (pid.to(tl.int64) - first_block) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offsets < numel
+    if HAS_FOUND_INF:
+        mask = tl.where(tl.load(found_inf_pointer) == 0, mask, False)
+    return row, offsets, mask
+
+
+@triton.jit
+def _unscaled_grad(row, offsets, mask, hyper_pointer, grad_scale_pointer,
+                   GRAD_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """reference.unscaled_grad and live_elements: g in math dtype, and which elements are live."""
+    g = tl.load(tl.load(row + _GRAD).to(tl.pointer_type(GRAD_DTYPE)) + offsets, mask=mask, other=0).to(MATH_DTYPE)
+    if HAS_GRAD_SCALE:
+        inverse_scale = (1.0 / tl.load(grad_scale_pointer).to(tl.float64)).to(tl.float32)
+        g = g * inverse_scale.to(MATH_DTYPE)
+    g = tl.where(tl.load(hyper_pointer + layout.MAXIMIZE) != 0, -g, g)
+    live = tl.where(tl.load(hyper_pointer + layout.SKIP_NONFINITE) == 0, True, tl.abs(g) < float("inf"))
+    return g, live
+
+
+@triton.jit
+def _new_importance(row, offsets, mask, g, theta, live, hyper_pointer, IMPORTANCE_DTYPE: tl.constexpr):
+    """reference.update_importance: s <- beta*s + (1-beta)*x on live elements, as stored."""
+    kind = tl.load(hyper_pointer + layout.IMPORTANCE_KIND)
+    signal = tl.where(kind == 0, g * g, tl.where(kind == 1, tl.abs(g * theta), tl.abs(g))).to(tl.float32)
+    old = tl.load(tl.load(row + _IMPORTANCE).to(tl.pointer_type(IMPORTANCE_DTYPE)) + offsets, mask=mask, other=0).to(tl.float32)
+    beta = tl.load(hyper_pointer + layout.IMPORTANCE_BETA).to(tl.float32)
+    one_minus_beta = tl.load(hyper_pointer + layout.ONE_MINUS_IMPORTANCE_BETA).to(tl.float32)
+    new = old * beta + signal * one_minus_beta
+    return arith.round_for_store(tl.where(live, new, old), IMPORTANCE_DTYPE)
+
+
+@triton.jit
+def _select_score(row, importance, anchor, hyper_pointer, HAS_ANCHOR: tl.constexpr):
+    """reference.select_score from the stored importance: s_hat (/ (a + delta) with an anchor)."""
+    importance_step = tl.load(tl.load(row + _IMPORTANCE_STEP).to(tl.pointer_type(tl.float32))).to(tl.float64) + 1.0
+    beta = tl.load(hyper_pointer + layout.IMPORTANCE_BETA)
+    correction = (1.0 - arith.power(beta, importance_step)).to(tl.float32)
+    score = tl.div_rn(importance.to(tl.float32), correction)
+    if HAS_ANCHOR:
+        delta = tl.load(hyper_pointer + layout.SELECT_DELTA).to(tl.float32)
+        score = tl.div_rn(score, anchor + delta)
+    return score
+
+
+@triton.jit
+def _stored_threshold(row, unit_table_pointer):
+    """The row's unit, its stored threshold bin (its first gated member's) and whether the host
+    vouches that it is known (``functional.gate_thresholds``)."""
+    unit = tl.load(row + _UNIT)
+    stored = tl.load(tl.load(unit_table_pointer + 2 * unit).to(tl.pointer_type(tl.int64)))
+    return unit, stored, tl.load(unit_table_pointer + 2 * unit + 1) != 0
+
+
+@triton.jit
+def _prepass_counts(stored, known, protect):
+    """Whether the pre-pass histograms the unit: its threshold may be unknown and is needed,
+    as the gate's fallback (stored < 0) or, with protect, as the next threshold."""
+    return (known == 0) & (protect | (stored < 0))
+
+
+@triton.jit
+def _score_histogram_kernel(
+    tensor_table_pointer, block_table_pointer, unit_table_pointer, hyper_pointer,
+    grad_scale_pointer, found_inf_pointer, histogram_pointer,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
+    IMPORTANCE_DTYPE: tl.constexpr, ANCHOR_DTYPE: tl.constexpr,
+    HAS_ANCHOR: tl.constexpr, HAS_USER_MASK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Pre-pass: histogram of this step's scores for units whose stored threshold is unknown.
+
+    Run only for gated buckets when the host cannot vouch that every stored threshold is known.
+    It computes exactly the scores the step kernel will (the new importance is computed, not
+    stored), so ``threshold.threshold_bin`` of its histogram is the reference's ``derived``.
+    A unit the host vouches for is skipped, and so is, with ``select``, a unit whose stored
+    threshold is >= 0 (the step kernel builds the histograms of those: select always derives
+    the next threshold from this step's scores); with ``protect`` a unit the host does not
+    vouch for is always counted (its next threshold is rederived from the anchor).
+
+    Args (pointers; T tensors in the group, U gated units):
+        tensor_table_pointer: int64 [T, layout.TENSOR_FIELDS], read only.
+        block_table_pointer: int32 [grid], the tensor-table row of each program, read only.
+        unit_table_pointer: int64 [U, 2]: address of each unit's stored threshold (int64 0-dim)
+            and 1 where the host vouches that it is known, read only.
+        hyper_pointer: float64 [layout.HYPER_FIELDS], read only.
+        grad_scale_pointer: float32 [1], the GradScaler's scale (read when HAS_GRAD_SCALE).
+        found_inf_pointer: float32 [1], nonzero: do nothing (read when HAS_FOUND_INF).
+        histogram_pointer: int32 [U, threshold.NUM_BINS], counts added atomically.
+        Through the table: param (PARAM_DTYPE), grad (GRAD_DTYPE), importance
+        (IMPORTANCE_DTYPE), anchor (ANCHOR_DTYPE), user mask (bool as int8), each [numel]; the
+        importance step counter (float32 0-dim). Nothing is written but the histogram.
+    """
+    # (Scalar conditions enter element masks through tl.where, never through & or |: the
+    # triton 3.6 interpreter splats a scalar comparison in its operands' dtype.)
+    row, offsets, mask = _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF, BLOCK)
+    unit, stored, known = _stored_threshold(row, unit_table_pointer)
+    protect = tl.load(hyper_pointer + layout.PROTECT) != 0
+    mask = tl.where(_prepass_counts(stored, known, protect), mask, False)
+    anchor = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_ANCHOR:
+        anchor = tl.load(tl.load(row + _ANCHOR).to(tl.pointer_type(ANCHOR_DTYPE)) + offsets, mask=mask, other=0).to(tl.float32)
+    selecting = tl.where(protect, False, mask)
+    g, live = _unscaled_grad(row, offsets, selecting, hyper_pointer, grad_scale_pointer, GRAD_DTYPE, MATH_DTYPE, HAS_GRAD_SCALE)
+    taylor = tl.where(tl.load(hyper_pointer + layout.IMPORTANCE_KIND) == 1, selecting, False)
+    theta = tl.load(tl.load(row + _PARAM).to(tl.pointer_type(PARAM_DTYPE)) + offsets, mask=taylor, other=0).to(MATH_DTYPE)
+    importance = _new_importance(row, offsets, selecting, g, theta, live, hyper_pointer, IMPORTANCE_DTYPE)
+    score = tl.where(protect, anchor, _select_score(row, importance, anchor, hyper_pointer, HAS_ANCHOR))
+    if HAS_USER_MASK:
+        mask = mask & (tl.load(tl.load(row + _USER_MASK).to(tl.pointer_type(tl.int8)) + offsets, mask=mask, other=0) != 0)
+    bins = arith.score_bin(score)
+    tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _masked_adamw_kernel(
+    tensor_table_pointer, block_table_pointer, unit_table_pointer, hyper_pointer,
+    grad_scale_pointer, found_inf_pointer, prepass_threshold_pointer, histogram_pointer, counts_pointer,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
+    IMPORTANCE_DTYPE: tl.constexpr, ANCHOR_DTYPE: tl.constexpr, ANCHOR_PARAM_DTYPE: tl.constexpr,
+    HAS_ANCHOR: tl.constexpr, HAS_ANCHOR_PARAM: tl.constexpr, HAS_USER_MASK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, GATED: tl.constexpr,
+    HISTOGRAM: tl.constexpr, PREPASS_RAN: tl.constexpr, EMULATE_FMA: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One MaskedAdamW step (SPEC steps 1-6) of every element of a bucket, in one memory pass.
+
+    Per element: unscale (and negate if maximize) the grad; update the importance on live
+    elements; with GATED, score it (select: s_hat / (a + delta); protect: a), gate it against
+    the unit's threshold (the stored one, or the pre-pass's when the stored one is unknown) and
+    the user mask, and count its bin into the unit's histogram (HISTOGRAM); on moving elements
+    apply the restoring force (lerp toward theta*) and the AdamW update with lr scaled by
+    c = 1/(1 + lambda*a). Gated-off and non-live elements keep param and moments bit-identical
+    (they are not written). Bias corrections come from the tensor's step counters (read here,
+    incremented afterwards by ``_finish_step_kernel``), as in torch AdamW.
+
+    Args (pointers; T tensors in the group, U gated units):
+        tensor_table_pointer: int64 [T, layout.TENSOR_FIELDS], read only.
+        block_table_pointer: int32 [grid], the tensor-table row of each program, read only.
+        unit_table_pointer: int64 [U, 2]: address of each unit's stored threshold (int64 0-dim)
+            and 1 where the host vouches that it is known, read only (read when GATED).
+        hyper_pointer: float64 [layout.HYPER_FIELDS], read only.
+        grad_scale_pointer: float32 [1], the GradScaler's scale (read when HAS_GRAD_SCALE).
+        found_inf_pointer: float32 [1]; nonzero: the program writes nothing at all.
+        prepass_threshold_pointer: int64 [U], the threshold derived by the pre-pass (used where
+            the stored one is < 0), read only (read when GATED).
+        histogram_pointer: int32 [U, threshold.NUM_BINS]; with HISTOGRAM the bins of this
+            step's scores are added atomically (for the units the pre-pass did not count).
+        counts_pointer: int64 [layout.COUNT_FIELDS]; updated / frozen / non-finite-skipped
+            element counts are added atomically.
+        Through each table row, flat [numel] in the param's element order:
+            param (PARAM_DTYPE): read; written where the element moves.
+            grad (GRAD_DTYPE): read.
+            exp_avg, exp_avg_sq (MATH_DTYPE: fp32, or fp64 for fp64 params): read; written
+                where the element moves.
+            importance (IMPORTANCE_DTYPE: fp32 or bf16): read and written (every element).
+            anchor (ANCHOR_DTYPE), read when HAS_ANCHOR.
+            anchor_param (ANCHOR_PARAM_DTYPE), read when HAS_ANCHOR_PARAM and anchor_decay > 0.
+            user mask (bool, read as int8), read when HAS_USER_MASK.
+            step, importance_step (float32 0-dim): read only.
+    """
+    row, offsets, mask = _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF, BLOCK)
+    lr = tl.load(hyper_pointer + layout.LR)
+    weight_decay = tl.load(hyper_pointer + layout.WEIGHT_DECAY)
+    step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32))).to(tl.float64) + 1.0
+    bias_correction1 = 1.0 - arith.power(tl.load(hyper_pointer + layout.BETA1), step)
+    bias_correction2_sqrt = tl.sqrt(1.0 - arith.power(tl.load(hyper_pointer + layout.BETA2), step))
+
+    param_pointer = tl.load(row + _PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    theta = tl.load(param_pointer + offsets, mask=mask, other=0).to(MATH_DTYPE)
+    g, live = _unscaled_grad(row, offsets, mask, hyper_pointer, grad_scale_pointer, GRAD_DTYPE, MATH_DTYPE, HAS_GRAD_SCALE)
+    importance = _new_importance(row, offsets, mask, g, theta, live, hyper_pointer, IMPORTANCE_DTYPE)
+    tl.store(tl.load(row + _IMPORTANCE).to(tl.pointer_type(IMPORTANCE_DTYPE)) + offsets, importance, mask=mask)
+
+    anchor = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_ANCHOR:
+        anchor = tl.load(tl.load(row + _ANCHOR).to(tl.pointer_type(ANCHOR_DTYPE)) + offsets, mask=mask, other=0).to(tl.float32)
+    allowed = mask
+    if HAS_USER_MASK:
+        allowed = mask & (tl.load(tl.load(row + _USER_MASK).to(tl.pointer_type(tl.int8)) + offsets, mask=mask, other=0) != 0)
+    gate = allowed
+    if GATED:
+        protect = tl.load(hyper_pointer + layout.PROTECT) != 0
+        score = tl.where(protect, anchor, _select_score(row, importance, anchor, hyper_pointer, HAS_ANCHOR))
+        bins = arith.score_bin(score)
+        unit, stored, known = _stored_threshold(row, unit_table_pointer)
+        current = tl.where(stored >= 0, stored, tl.load(prepass_threshold_pointer + unit))
+        gate = allowed & tl.where(protect, bins < current, bins >= current)
+        if HISTOGRAM:
+            counted = allowed
+            if PREPASS_RAN:
+                counted = tl.where(_prepass_counts(stored, known, protect), False, allowed)
+            tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=counted, sem="relaxed")
+    moving = gate & live
+
+    # SPEC step 5a: restoring force toward theta* (reference.restoring_force)
+    pulled = theta
+    if HAS_ANCHOR_PARAM:
+        anchor_decay = tl.load(hyper_pointer + layout.ANCHOR_DECAY)
+        restoring = tl.where(anchor_decay != 0, moving, False)
+        theta_star = tl.load(tl.load(row + _ANCHOR_PARAM).to(tl.pointer_type(ANCHOR_PARAM_DTYPE)) + offsets, mask=restoring, other=0).to(MATH_DTYPE)
+        pull = tl.minimum(anchor.to(MATH_DTYPE) * (lr * anchor_decay).to(MATH_DTYPE), 1.0)
+        pulled = tl.where(anchor_decay != 0, arith.lerp(theta, theta_star, pull, MATH_DTYPE, EMULATE_FMA), theta)
+
+    # SPEC step 5b: AdamW (reference.adamw_update, torch's single-tensor arithmetic)
+    exp_avg_pointer = tl.load(row + _EXP_AVG).to(tl.pointer_type(MATH_DTYPE))
+    exp_avg_sq_pointer = tl.load(row + _EXP_AVG_SQ).to(tl.pointer_type(MATH_DTYPE))
+    exp_avg = tl.load(exp_avg_pointer + offsets, mask=moving, other=0)
+    exp_avg_sq = tl.load(exp_avg_sq_pointer + offsets, mask=moving, other=0)
+    one_minus_beta1 = tl.load(hyper_pointer + layout.ONE_MINUS_BETA1).to(MATH_DTYPE)
+    exp_avg = arith.lerp(exp_avg, g, one_minus_beta1, MATH_DTYPE, EMULATE_FMA)
+    beta2 = tl.load(hyper_pointer + layout.BETA2).to(MATH_DTYPE)
+    one_minus_beta2 = tl.load(hyper_pointer + layout.ONE_MINUS_BETA2).to(MATH_DTYPE)
+    exp_avg_sq = arith.fma(one_minus_beta2 * g, g, exp_avg_sq * beta2, MATH_DTYPE, EMULATE_FMA)
+    denom = arith.divide(arith.square_root(exp_avg_sq, MATH_DTYPE), bias_correction2_sqrt.to(MATH_DTYPE), MATH_DTYPE)
+    denom = denom + tl.load(hyper_pointer + layout.EPS).to(MATH_DTYPE)
+    # lr unscaled (no anchor or lambda = 0): factors rounded from float64, as torch's scalars
+    decayed = pulled * (1.0 - lr * weight_decay).to(MATH_DTYPE)
+    new_theta = decayed + arith.divide((-(lr / bias_correction1)).to(MATH_DTYPE) * exp_avg, denom, MATH_DTYPE)
+    if HAS_ANCHOR:
+        # lr scaled per element by c = 1 / (1 + lambda*a) (reference.soft_scale), fp32 c
+        protect_strength = tl.load(hyper_pointer + layout.PROTECT_STRENGTH)
+        scale = tl.div_rn(tl.full([BLOCK], 1.0, tl.float32), 1.0 + protect_strength.to(tl.float32) * anchor)
+        lr_element = scale.to(MATH_DTYPE) * lr.to(MATH_DTYPE)
+        scaled = pulled * (1.0 - lr_element * weight_decay.to(MATH_DTYPE))
+        step_size = arith.divide(lr_element, bias_correction1.to(MATH_DTYPE), MATH_DTYPE)
+        scaled = scaled - arith.divide(step_size * exp_avg, denom, MATH_DTYPE)
+        new_theta = tl.where(protect_strength != 0, scaled, new_theta)
+
+    tl.store(param_pointer + offsets, arith.round_for_store(new_theta, PARAM_DTYPE), mask=moving)
+    tl.store(exp_avg_pointer + offsets, exp_avg, mask=moving)
+    tl.store(exp_avg_sq_pointer + offsets, exp_avg_sq, mask=moving)
+    tl.atomic_add(counts_pointer + _UPDATED, tl.sum(moving.to(tl.int64)), sem="relaxed")
+    tl.atomic_add(counts_pointer + _FROZEN, tl.sum((mask & (gate == 0)).to(tl.int64)), sem="relaxed")
+    tl.atomic_add(counts_pointer + _SKIPPED, tl.sum((mask & (live == 0)).to(tl.int64)), sem="relaxed")

@@ -1,0 +1,205 @@
+"""Host side of the multi-tensor launch: checks, dtype buckets and the device pointer tables.
+
+A group's tensors become one int64 tensor table (addresses, sizes, units: ``layout.py``), one
+int64 unit table (address of each gated unit's stored threshold) and, per bucket of equal
+dtypes and features, an int32 block table (the tensor-table row of every program). Tables are
+cached by their contents (which are addresses and sizes only), so a steady training loop
+builds them once and then only hashes the addresses.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from masked_optim.functional import TensorState
+from masked_optim.kernels import layout
+
+#: param dtype -> Triton dtype; the math and moment dtype is fp32 except for fp64 params
+TRITON_DTYPES = {
+    torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64,
+}
+IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
+_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """What a launch compiles for: the dtypes and which optional tensors exist."""
+
+    param: torch.dtype
+    grad: torch.dtype
+    importance: torch.dtype
+    anchor: Optional[torch.dtype]
+    anchor_param: Optional[torch.dtype]
+    user_mask: bool
+    gated: bool
+
+    @property
+    def math(self) -> torch.dtype:
+        return torch.float64 if self.param == torch.float64 else torch.float32
+
+
+@dataclass
+class Bucket:
+    """One launch: its compile-time key, its block table and its grid size."""
+
+    key: BucketKey
+    block_table: Tensor
+    blocks: int
+
+
+@dataclass
+class GroupTables:
+    """Everything a group's step needs on the device that does not change between steps."""
+
+    tensor_table: Tensor
+    unit_table: Tensor  # int64 [units, 2]: stored-threshold address, host vouches it is known
+    unknown_thresholds: Tensor  # int64 [units] of -1: the "no pre-pass" threshold
+    fresh_counts: Tensor  # int64 [COUNT_FIELDS]: elements, then zeros
+    buckets: list[Bucket]
+    tensor_count: int
+    unit_count: int
+
+
+_cache: "OrderedDict[tuple, GroupTables]" = OrderedDict()
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """Whether the tensor's elements fill a contiguous memory range (any dimension order)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(tensor: Tensor, param: Tensor) -> bool:
+    if tensor.shape != param.shape:
+        return False
+    return all(s == p for s, p, n in zip(tensor.stride(), param.stride(), param.shape) if n != 1)
+
+
+def _in_param_layout(tensor: Tensor, param: Tensor) -> Tensor:
+    """A read-only input laid out like the param: itself, or a copy in the param's layout."""
+    if _same_layout(tensor, param):
+        return tensor
+    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
+
+
+def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
+    """Check one tensor's state for the kernel; return its grad and user mask in the param's layout.
+
+    Raises ValueError naming the tensor and the problem for dtypes the kernel does not handle
+    and for a param or state tensor that is not dense or not laid out like the param. The grad
+    and user mask are only read, so one in another layout is copied into the param's layout.
+    """
+    param = t.param
+    if param.dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' steps float32, bfloat16, float16 and float64 params, got {param.dtype}")
+    if t.grad.dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' cannot read {t.grad.dtype} gradients")
+    math = torch.float64 if param.dtype == torch.float64 else torch.float32
+    for name in ("exp_avg", "exp_avg_sq"):
+        if getattr(t, name).dtype != math:
+            raise ValueError(f"backend='triton' needs {name} in {math} for a {param.dtype} param, got {getattr(t, name).dtype}")
+    for name in ("importance", "anchor"):
+        tensor = getattr(t, name)
+        if tensor is not None and tensor.dtype not in IMPORTANCE_DTYPES:
+            raise ValueError(f"backend='triton' stores {name} in float32 or bfloat16, got {tensor.dtype}")
+    if t.anchor_param is not None and (t.anchor is None or t.anchor_param.dtype not in TRITON_DTYPES):
+        raise ValueError(f"backend='triton' needs anchor_param ({t.anchor_param.dtype}) together with an anchor")
+    if not is_dense(param):
+        raise ValueError(f"backend='triton' needs dense params (any dimension order), got strides {param.stride()} for shape {tuple(param.shape)}")
+    for name in ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param"):
+        tensor = getattr(t, name)
+        if tensor is not None and not _same_layout(tensor, param):
+            raise ValueError(f"backend='triton' needs {name} laid out like its param (shape {tuple(param.shape)}, strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
+    user_mask = None if t.user_mask is None else _in_param_layout(t.user_mask, param)
+    return _in_param_layout(t.grad, param), user_mask
+
+
+def bucket_key(t: TensorState, grad: Tensor, user_mask: Optional[Tensor], gated: bool) -> BucketKey:
+    """The compile-time key of the launch that steps ``t``."""
+    return BucketKey(
+        param=t.param.dtype, grad=grad.dtype, importance=t.importance.dtype,
+        anchor=None if t.anchor is None else t.anchor.dtype,
+        anchor_param=None if t.anchor_param is None else t.anchor_param.dtype,
+        user_mask=user_mask is not None, gated=gated,
+    )
+
+
+def _address(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def group_tables(
+    tensors: list[TensorState],
+    inputs: list[tuple[Tensor, Optional[Tensor]]],
+    counters: list[tuple[Tensor, Tensor]],
+    keys: list[BucketKey],
+    unit_of: list[int],
+    unit_first: list[int],
+    unit_known: list[bool],
+    block: int,
+    device: torch.device,
+) -> GroupTables:
+    """Device tables of one group (cached by content).
+
+    ``inputs`` are the (grad, user mask) of ``flat_inputs``; ``counters`` the (step,
+    importance_step) float32 0-dim tensors the kernels read and the finish kernel increments;
+    ``unit_of[i]`` the gated unit of tensor i (-1: not gated); ``unit_first[u]`` the tensor whose
+    stored threshold is unit u's; ``unit_known[u]`` whether the host vouches for it.
+    """
+    order = {key: index for index, key in enumerate(dict.fromkeys(keys))}
+    bucket_rows: list[list[int]] = [[] for _ in order]
+    bucket_blocks = [0] * len(order)
+    rows = []
+    for index, (t, (grad, user_mask), (step, importance_step), key) in enumerate(zip(tensors, inputs, counters, keys)):
+        bucket_rows[order[key]].append(index)
+        first_block = bucket_blocks[order[key]]
+        bucket_blocks[order[key]] += -(-t.param.numel() // block)
+        row = [0] * layout.TENSOR_FIELDS
+        row[layout.PARAM] = _address(t.param)
+        row[layout.GRAD] = _address(grad)
+        row[layout.EXP_AVG] = _address(t.exp_avg)
+        row[layout.EXP_AVG_SQ] = _address(t.exp_avg_sq)
+        row[layout.IMPORTANCE] = _address(t.importance)
+        row[layout.ANCHOR] = _address(t.anchor)
+        row[layout.ANCHOR_PARAM] = _address(t.anchor_param)
+        row[layout.USER_MASK] = _address(user_mask)
+        row[layout.STEP] = _address(step)
+        row[layout.IMPORTANCE_STEP] = _address(importance_step)
+        row[layout.THRESHOLD] = _address(t.threshold)
+        row[layout.NUMEL] = t.param.numel()
+        row[layout.FIRST_BLOCK] = first_block
+        row[layout.UNIT] = unit_of[index]
+        rows.append(row)
+    units = [(rows[i][layout.THRESHOLD], int(known)) for i, known in zip(unit_first, unit_known)]
+    cache_key = (device, block, tuple(map(tuple, rows)), tuple(units), tuple(order), tuple(map(tuple, bucket_rows)))
+    cached = _cache.get(cache_key)
+    if cached is not None:
+        _cache.move_to_end(cache_key)
+        return cached
+    buckets = []
+    for key, members in zip(order, bucket_rows):
+        blocks = [-(-rows[i][layout.NUMEL] // block) for i in members]
+        block_table = torch.repeat_interleave(torch.tensor(members, dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64))
+        buckets.append(Bucket(key=key, block_table=block_table.to(device), blocks=sum(blocks)))
+    elements = sum(row[layout.NUMEL] for row in rows)
+    tables = GroupTables(
+        tensor_table=torch.tensor(rows, dtype=torch.int64).reshape(len(rows), layout.TENSOR_FIELDS).to(device),
+        unit_table=torch.tensor(units, dtype=torch.int64).reshape(len(units), 2).to(device),
+        unknown_thresholds=torch.full((len(units),), -1, dtype=torch.int64, device=device),
+        fresh_counts=torch.tensor([elements] + [0] * (layout.COUNT_FIELDS - 1), dtype=torch.int64).to(device),
+        buckets=buckets, tensor_count=len(rows), unit_count=len(units),
+    )
+    _cache[cache_key] = tables
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return tables

@@ -1,0 +1,201 @@
+"""The fused Triton backend against the reference backend, under TRITON_INTERPRET=1 on CPU.
+
+Every configuration runs the same params, grads and hyper-parameter changes through
+``backend="torch"`` and ``backend="triton"`` for a few steps and compares, after every step,
+each param and state tensor (tolerances from ``tests/tolerances.py``), the step counters and
+thresholds exactly, which elements moved (exactly), and ``mask_stats()``. Two param groups
+with mixed dtypes (fp32, bf16, fp16, fp64), awkward sizes (1, 4097, 123x431, empty) and a
+transposed (dense, non-contiguous) param. ``tests/test_triton_gpu.py`` runs the same on CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from masked_optim import MaskedAdamW
+from masked_optim.backends import resolve
+from tests.tolerances import TOLERANCES
+
+STEPS = 4
+CONSOLIDATE_AFTER = 2  # with anchor=True: consolidate() after this many steps
+SKIPPED_STEP = 1  # with scaler=True: found_inf is set on this step
+SHAPES_A = [((1,), torch.float32), ((4097,), torch.bfloat16), ((123, 431), torch.float32), ((0,), torch.float32)]
+SHAPES_B = [((64,), torch.float64), ((33,), torch.float16), ((9, 5), torch.float32)]  # (9, 5): transposed
+
+#: name -> (optimizer options for both groups, group-B overrides, harness flags)
+CONFIGS = {
+    "adamw-tensor-lr-schedule": (
+        dict(lr=1e-2, weight_decay=0.1), dict(lr=torch.tensor(3e-3), weight_decay=0.0), dict(),
+    ),
+    "select-group-scope-anchor-soft-restore-usermask": (
+        dict(lr=1e-2, density=0.3, importance="fisher", importance_beta=0.9, scope="group",
+             protect_strength=0.5, anchor_decay=2.0),
+        dict(density=0.5, scope="tensor"), dict(anchor=True, user_mask=True),
+    ),
+    "protect-taylor-maximize-bf16-importance": (
+        dict(lr=1e-2, density=0.6, mask="protect", importance="taylor", maximize=True,
+             importance_dtype="bfloat16"),
+        dict(density=1.0), dict(anchor=True),
+    ),
+    "select-magnitude-nonfinite-scaler": (
+        dict(lr=1e-2, density=0.5, importance="magnitude", nonfinite="skip", anchor_decay=1.0),
+        dict(mask="protect", density=0.7), dict(anchor=True, nonfinite=True, scaler=True),
+    ),
+    "protect-without-anchor-propagate": (
+        dict(lr=1e-2, density=0.4, mask="protect", nonfinite="propagate"), dict(mask="select"), dict(),
+    ),
+}
+
+
+def make_params(device: str) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The two groups' params, drawn from a fixed generator (fp64, then cast)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(shape, dtype):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    group_a = [torch.nn.Parameter(draw(shape, dtype)) for shape, dtype in SHAPES_A]
+    group_b = [torch.nn.Parameter(draw(shape, dtype)) for shape, dtype in SHAPES_B[:2]]
+    shape, dtype = SHAPES_B[2]
+    group_b.append(torch.nn.Parameter(draw(shape, dtype).t()))  # dense, not contiguous
+    return group_a, group_b
+
+
+def set_grads(params: list[torch.nn.Parameter], generator: torch.Generator, step: int, flags: dict, scale: float) -> None:
+    """Random grads (times the scaler's scale); with ``nonfinite`` a few NaN/Inf entries."""
+    for index, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale
+        if flags.get("nonfinite") and grad.numel() > 3:
+            flat = grad.view(-1)
+            flat[(step * 7 + index) % flat.numel()] = float("nan")
+            flat[(step * 13 + 2 * index) % flat.numel()] = float("inf")
+        p.grad = grad.to(device=p.device, dtype=p.dtype)
+
+
+def snapshot(optimizer: MaskedAdamW, params: list[torch.nn.Parameter]) -> dict:
+    """Clones of every param and tensor state, keyed by (param index, key)."""
+    out = {}
+    for index, p in enumerate(params):
+        out[(index, "param")] = p.detach().clone()
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                out[(index, key)] = value.detach().clone()
+    return out
+
+
+def run(backend: str, name: str, device: str) -> list[dict]:
+    """Run one configuration; per step: the snapshot and mask_stats."""
+    options, overrides_b, flags = CONFIGS[name]
+    group_a, group_b = make_params(device)
+    params = group_a + group_b
+    overrides_b = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in overrides_b.items()}
+    optimizer = MaskedAdamW(
+        [{"params": group_a}, {"params": group_b, **overrides_b}], backend=backend, **options,
+    )
+    if flags.get("user_mask"):
+        mask = torch.rand(group_a[1].shape, generator=torch.Generator().manual_seed(3)) < 0.7
+        optimizer.set_mask(group_a[1], mask.to(device))
+    generator = torch.Generator().manual_seed(1)
+    history = []
+    for step in range(STEPS):
+        if flags.get("anchor") and step == CONSOLIDATE_AFTER:
+            optimizer.consolidate()
+        scale = 2.0 ** (step + 3) if flags.get("scaler") else 1.0
+        set_grads(params, generator, step, flags, scale)
+        if flags.get("scaler"):
+            optimizer.grad_scale = torch.full((1,), scale, device=device)
+            optimizer.found_inf = torch.full((1,), float(step == SKIPPED_STEP), device=device)
+        optimizer.step()
+        for key in ("grad_scale", "found_inf"):
+            optimizer.__dict__.pop(key, None)
+        for group in optimizer.param_groups:  # a schedule: a new lr (float or Tensor) every step
+            if torch.is_tensor(group["lr"]):
+                group["lr"].mul_(0.7)
+            else:
+                group["lr"] *= 0.7
+        history.append((snapshot(optimizer, params), optimizer.mask_stats()))
+    return history
+
+
+def _moved(now: dict, before: dict, index: int) -> torch.Tensor:
+    """Which elements took a step: their moments changed."""
+    changed = torch.zeros_like(now[(index, "exp_avg")], dtype=torch.bool)
+    for key in ("exp_avg", "exp_avg_sq"):
+        if (index, key) in before:
+            changed |= ~((now[(index, key)] == before[(index, key)]) | (now[(index, key)].isnan() & before[(index, key)].isnan()))
+        else:
+            changed |= now[(index, key)] != 0
+    return changed
+
+
+def compare_backends(name: str, device: str) -> None:
+    """Run ``name`` on both backends and assert they agree after every step."""
+    expected_history = run("torch", name, device)
+    actual_history = run("triton", name, device)
+    previous: dict = {}
+    previous_actual: dict = {}
+    for step, ((expected, expected_stats), (actual, actual_stats)) in enumerate(zip(expected_history, actual_history)):
+        assert expected.keys() == actual.keys(), step
+        for key in expected:
+            want, got = expected[key], actual[key]
+            where = f"step {step}, param {key[0]}, {key[1]}"
+            assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride(), where
+            if key[1] in ("step", "importance_step", "threshold") or not want.is_floating_point():
+                assert torch.equal(got, want), f"{where}: {got} != {want}"
+            else:
+                torch.testing.assert_close(got, want, **TOLERANCES[want.dtype], equal_nan=True, msg=lambda m: f"{where}: {m}")
+        for index in {key[0] for key in expected if key[1] == "exp_avg"}:
+            moved = _moved(actual, previous_actual, index)
+            assert torch.equal(moved, _moved(expected, previous, index)), f"step {step}, param {index}: gates differ"
+        assert actual_stats == expected_stats, f"step {step}: mask_stats differ"
+        previous, previous_actual = expected, actual
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_triton_matches_reference(name):
+    compare_backends(name, "cpu")
+
+
+def test_skipped_step_changes_nothing():
+    """found_inf: params, state, counters, thresholds and mask_stats stay bit-identical."""
+    group_a, group_b = make_params("cpu")
+    params = group_a + group_b
+    optimizer = MaskedAdamW([{"params": group_a}, {"params": group_b}], backend="triton", density=0.5, anchor_decay=1.0)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(2):
+        set_grads(params, generator, step, {}, 1.0)
+        optimizer.step()
+    optimizer.consolidate()
+    set_grads(params, generator, 2, {}, 1.0)
+    optimizer.step()
+    before, stats = snapshot(optimizer, params), optimizer.mask_stats()
+    set_grads(params, generator, 3, {}, 4.0)
+    optimizer.grad_scale, optimizer.found_inf = torch.full((1,), 4.0), torch.ones(1)
+    optimizer.step()
+    after = snapshot(optimizer, params)
+    for key in before:
+        assert torch.equal(after[key].nan_to_num(), before[key].nan_to_num()), key
+    assert optimizer.mask_stats() == stats
+
+
+def test_named_triton_backend_raises_naming_the_device(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="device cpu"):
+        resolve("triton", torch.device("cpu"))
+
+
+def test_non_dense_param_is_a_clear_error():
+    base = torch.randn(10, 8)
+    param = torch.nn.Parameter(base[:, ::2])  # every other column: not dense
+    param.grad = torch.randn(param.shape)
+    optimizer = MaskedAdamW([param], backend="triton")
+    with pytest.raises(ValueError, match="dense params"):
+        optimizer.step()
+
+
+def test_interpreter_is_active():
+    """The comparisons above run the kernels, not a fallback: the interpreter is on."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert resolve("triton", torch.device("cpu")) == "triton"

@@ -1,0 +1,85 @@
+"""The compiled Triton backend on CUDA against the reference backend on the same device.
+
+Run on a machine with a GPU as ``TRITON_INTERPRET=0 pytest -m gpu tests/test_triton_gpu.py``
+(with TRITON_INTERPRET=1, which ``tests/conftest.py`` sets by default, Triton would interpret
+the kernels, which cannot reach CUDA memory through the pointer tables). Skipped cleanly where
+there is no CUDA device or the interpreter is on.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from masked_optim import MaskedAdamW
+from tests.test_triton_backend import CONFIGS, compare_backends
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="run with TRITON_INTERPRET=0 (compiled kernels)"),
+]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_triton_matches_reference(name):
+    compare_backends(name, "cuda")
+
+
+def test_new_hyper_parameters_do_not_recompile():
+    """lr (float and Tensor), betas, eps, weight decay, density, protect strength, anchor decay
+    and importance kind are runtime values: changing them adds no compiled kernel."""
+    from masked_optim.kernels.step_kernel import _masked_adamw_kernel
+
+    params = [torch.nn.Parameter(torch.randn(4097, device="cuda"))]
+    optimizer = MaskedAdamW(params, backend="triton", density=0.5, lr=torch.tensor(1e-3, device="cuda"))
+
+    def step():
+        params[0].grad = torch.randn_like(params[0])
+        optimizer.step()
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for cache in _masked_adamw_kernel.device_caches.values())
+
+    for _ in range(2):  # the first steps compile (pre-pass and histogram variants)
+        step()
+    optimizer.consolidate()
+    step()
+    step()
+    before = compiled()
+    group = optimizer.param_groups[0]
+    for change in (
+        dict(betas=(0.8, 0.99)), dict(eps=1e-6), dict(weight_decay=0.3), dict(protect_strength=0.7),
+        dict(anchor_decay=0.5), dict(importance="taylor"), dict(importance_beta=0.9),
+    ):
+        group.update(change)
+        group["lr"].mul_(0.5)
+        step()
+    assert compiled() == before
+
+
+def test_found_inf_on_device_changes_nothing():
+    """A GradScaler-skipped step changes nothing, decided on the device (no host sync)."""
+    params = [torch.nn.Parameter(torch.randn(4097, device="cuda"))]
+    optimizer = MaskedAdamW(params, backend="triton", density=0.5)
+    for _ in range(2):
+        params[0].grad = torch.randn_like(params[0])
+        optimizer.step()
+    state = optimizer.state[params[0]]
+    assert state["step"].device.type == "cuda"
+    before = {key: value.clone() for key, value in state.items() if torch.is_tensor(value)}
+    before["param"] = params[0].detach().clone()
+    params[0].grad = torch.randn_like(params[0])
+    optimizer.grad_scale = torch.full((1,), 8.0, device="cuda")
+    optimizer.found_inf = torch.ones(1, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in the step raises
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    del optimizer.grad_scale, optimizer.found_inf
+    after = {key: value for key, value in state.items() if torch.is_tensor(value)}
+    after["param"] = params[0].detach()
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
