@@ -85,10 +85,10 @@ def fused_step(
     live = torch.isfinite(g) if skip else None
     s_new = _new_importance(param, g, importance, live, scalars, kind) if update_importance else importance
     bins = _bins(s_new, anchor, scalars, gate == "protect") if (gate is not None or want_bins) else None
-    k = torch.ones_like(g, dtype=torch.bool) if gate is None else thr.gate(bins.to(torch.int64), threshold, gate == "protect")
+    k = None if gate is None else thr.gate(bins, threshold, gate == "protect")
     if user_mask is not None:
-        k = k & user_mask
-    moving = k if live is None else k & live
+        k = user_mask if k is None else k & user_mask
+    moving = live if k is None else (k if live is None else k & live)
     theta = param.to(dtype)
     pulled = theta
     if pull:
@@ -102,13 +102,21 @@ def fused_step(
         new_theta = pulled * (1 - lr_element * scalars[WD].to(dtype)) - (lr_element / scalars[BC1].to(dtype)) * m / denom
     else:
         new_theta = pulled * scalars[DECAY].to(dtype) - scalars[STEP_SIZE].to(dtype) * (m / denom)
-    param.copy_(torch.where(moving, new_theta, theta).to(param.dtype))
-    exp_avg.copy_(torch.where(moving, m, exp_avg))
-    exp_avg_sq.copy_(torch.where(moving, v, exp_avg_sq))
+    if moving is None:  # every element moves: no gate, no mask, non-finite grads propagate
+        param.copy_(new_theta.to(param.dtype))
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+    else:
+        param.copy_(torch.where(moving, new_theta, theta).to(param.dtype))
+        exp_avg.copy_(torch.where(moving, m, exp_avg))
+        exp_avg_sq.copy_(torch.where(moving, v, exp_avg_sq))
     if update_importance:
         importance.copy_(s_new)
+    numel = torch.full((), g.numel(), dtype=torch.int64)
     counts = torch.stack([
-        moving.sum(), (~k).sum(), torch.zeros((), dtype=torch.int64) if live is None else (~live).sum()
+        numel if moving is None else moving.sum(),
+        torch.zeros_like(numel) if k is None else (~k).sum(),
+        torch.zeros_like(numel) if live is None else (~live).sum(),
     ])
     return (bins.to(torch.int16) if want_bins else None), counts
 
