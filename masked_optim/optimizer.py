@@ -237,9 +237,15 @@ class MaskedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_groups(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+    @torch.compiler.disable
+    def _step_groups(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """The step proper. Inside a ``torch.compile``-d training step it runs as it is (each
+        backend brings its own fusion), so compiling the model around it costs no graph breaks
+        in the optimizer and no recompiles when lr or other options change."""
         self._check_grads()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
         stats: list[Optional[GroupStats]] = []
         for index, group in enumerate(self.param_groups):
             params, tensors = self._tensor_states(group)
@@ -257,7 +263,6 @@ class MaskedAdamW(Optimizer):
                     self.state[param]["threshold_for"] = _threshold_key(group)
             stats.append(result if result is not None else previous)
         self._last_stats = stats
-        return loss
 
     @torch.no_grad()
     def observe(self) -> None:
