@@ -57,3 +57,31 @@ def global_count(tensors: list[Tensor], groups: tuple, device: torch.device) -> 
     """Number of elements of a unit over all shards, as a float64 0-dim tensor."""
     count = torch.tensor(float(sum(t.numel() for t in tensors)), dtype=torch.float64, device=device)
     return all_reduce_sum(count, groups)
+
+
+#: state entries that exist only after ``consolidate()`` / ``set_mask()``: a fresh optimizer
+#: lacks them, so DCP would not load them unless they are created first
+OPTIONAL_STATE_KEYS = ("anchor", "anchor_param", "user_mask")
+
+
+def load_optimizer_checkpoint(model: torch.nn.Module, optimizer, checkpoint_id: str, key: str = "optim") -> None:
+    """Load a MaskedAdamW state saved with ``torch.distributed.checkpoint`` (FSDP2 or not).
+
+    DCP fills only the entries the live optimizer already has; a fresh optimizer has no
+    ``anchor``, ``anchor_param`` or ``user_mask`` yet, so a plain ``dcp.load`` would drop them
+    silently. This reads the checkpoint's metadata, creates those entries where it holds them,
+    then loads: ``dcp.save({key: get_optimizer_state_dict(model, optimizer)}, checkpoint_id=...)``
+    is the matching save. Every rank must call it.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    saved = set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
+    get_optimizer_state_dict(model, optimizer)  # a fresh optimizer creates its state here
+    for name, param in model.named_parameters():
+        wanted = [k for k in OPTIONAL_STATE_KEYS if f"{key}.state.{name}.{k}" in saved]
+        if wanted:
+            optimizer._create_state_entries(param, wanted)
+    state = get_optimizer_state_dict(model, optimizer)
+    dcp.load({key: state}, checkpoint_id=checkpoint_id)
+    set_optimizer_state_dict(model, optimizer, state)

@@ -193,6 +193,17 @@ class MaskedAdamW(Optimizer):
             state["threshold_for"] = -_threshold_key(group)
         return state
 
+    def _create_state_entries(self, param: Tensor, keys: list[str]) -> None:
+        """Placeholders (zeros, the right dtype and placement) for optional state entries that a
+        checkpoint holds, so that loaders which fill only existing entries (DCP) load them."""
+        group = next(g for g in self.param_groups if any(param is p for p in g["params"]))
+        state = self._init_state(param, group)
+        for key in keys:
+            if key not in state:
+                like = state["importance"] if key == "anchor" else param
+                dtype = torch.bool if key == "user_mask" else self._state_dtype(key, param, group)
+                state[key] = torch.zeros_like(like, dtype=dtype)
+
     def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState]]:
         params, tensors = [], []
         key = _threshold_key(group)
@@ -344,7 +355,8 @@ class MaskedAdamW(Optimizer):
 
         Keys: ``target_density``, ``realised_density`` (gated-on fraction), ``threshold`` (one
         score threshold per unit that had one), ``elements``, ``updated``, ``frozen`` (gated off)
-        and ``nonfinite_skipped``. Groups that have not stepped yet report None.
+        and ``nonfinite_skipped``. Groups that have not stepped yet report None. Under FSDP2 the
+        counts are this rank's shards (thresholds are global: histograms are all-reduced).
         """
         report: list[dict[str, Any]] = []
         for index, group in enumerate(self.param_groups):

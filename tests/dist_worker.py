@@ -48,8 +48,10 @@ def scenario_ddp(rank: int, world: int) -> None:
 
 
 def scenario_fsdp2(rank: int, world: int, tmpdir: str) -> None:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
+
+    from masked_optim.distributed import load_optimizer_checkpoint
     import torch.distributed.checkpoint as dcp
 
     data = batches(12)  # the same global batch on every rank: averaged grads equal the single-process ones
@@ -85,11 +87,8 @@ def scenario_fsdp2(rank: int, world: int, tmpdir: str) -> None:
     with torch.no_grad():
         for p, q in zip(resumed.parameters(), saved_params):
             p.copy_(q)
-    fresh_state = get_optimizer_state_dict(resumed, resumed_opt)  # DCP's zero-grad, lr-0 init step
-    resumed_opt.consolidate()  # create the anchor entries the checkpoint holds
-    fresh_state = get_optimizer_state_dict(resumed, resumed_opt)
-    dcp.load({"optim": fresh_state}, checkpoint_id=os.path.join(tmpdir, "ckpt"))
-    set_optimizer_state_dict(resumed, resumed_opt, fresh_state)
+    load_optimizer_checkpoint(resumed, resumed_opt, os.path.join(tmpdir, "ckpt"))
+    assert "anchor" in resumed_opt.state[next(resumed.parameters())]  # not dropped by DCP
     train(resumed, resumed_opt, data[6:])
     for p, q in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(p.to_local(), q.to_local()), "resumed FSDP2 run differs"

@@ -1,0 +1,133 @@
+"""MaskedAdamW inside Hugging Face's Trainer and Lightning, on CPU with tiny random models.
+
+Trainer: ``optimizer_cls_and_kwargs`` on a 2-layer GPT-2 with a consolidation mid-run; a run
+resumed from a checkpoint ends bit-identical to the uninterrupted one (weights, optimizer
+state). Lightning: ``configure_optimizers`` returning MaskedAdamW under ``bf16-mixed``, stepped
+through Lightning's closure.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from masked_optim import MaskedAdamW
+from tests.helpers import assert_bitwise_equal, snapshot
+
+OPTIONS = dict(lr=3e-3, density=0.5, anchor_decay=10.0, importance_beta=0.9)
+
+
+def unwrap(optimizer):
+    """The MaskedAdamW inside accelerate's AcceleratedOptimizer (what Trainer and callbacks hold)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, count: int = 64, length: int = 16, vocab: int = 128) -> None:
+        self.tokens = torch.randint(0, vocab, (count, length), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[index], "labels": self.tokens[index]}
+
+
+def hf_trainer(output_dir: str, model_seed: int):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+
+    class ConsolidateAt(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step == 1:  # a task boundary before the checkpoint at step 2
+                unwrap(optimizer).consolidate()
+
+    torch.manual_seed(model_seed)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=16, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, max_steps=4, save_steps=2, per_device_train_batch_size=4, seed=0,
+        weight_decay=0.01, use_cpu=True, report_to="none", dataloader_num_workers=0, disable_tqdm=True,
+        logging_steps=1,
+    )
+    return transformers.Trainer(
+        model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=RandomTokens(),
+        callbacks=[ConsolidateAt()], optimizer_cls_and_kwargs=(MaskedAdamW, dict(OPTIONS)),
+    )
+
+
+def test_hf_trainer_resume_reproduces_uninterrupted_run(tmp_path):
+    uninterrupted = hf_trainer(str(tmp_path / "a"), model_seed=0)
+    uninterrupted.train()
+    opt = unwrap(uninterrupted.optimizer)
+    assert isinstance(opt, MaskedAdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]  # Trainer's decay split
+    assert all(g["initial_lr"] == OPTIONS["lr"] and g["density"] == 0.5 for g in opt.param_groups)
+    assert all(s["frozen"] > 0 for s in opt.mask_stats())
+
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert all("anchor" in state and "anchor_param" in state for state in saved["state"].values())
+
+    resumed = hf_trainer(str(tmp_path / "b"), model_seed=1)  # other initial weights: the checkpoint's must win
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    names = [n for n, _ in uninterrupted.model.named_parameters()]
+    for name, p, q in zip(names, resumed.model.parameters(), uninterrupted.model.parameters()):
+        assert torch.equal(p, q), name
+    assert_bitwise_equal(snapshot(unwrap(resumed.optimizer)), snapshot(opt))
+    losses = [h["loss"] for h in uninterrupted.state.log_history if "loss" in h]
+    assert [h["loss"] for h in resumed.state.log_history if "loss" in h] == losses  # 1-2 from the checkpoint
+
+
+def test_lightning_closure_and_bf16_mixed(tmp_path):
+    lightning = pytest.importorskip("lightning")
+
+    class Recording(MaskedAdamW):
+        """Records, per step, whether a closure came in and how many training_steps it ran."""
+
+        def step(self, closure=None):
+            before = self.module.training_steps
+            loss = super().step(closure)
+            self.calls.append((closure is not None, self.module.training_steps - before))
+            return loss
+
+    class Regression(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+            self.training_steps, self.losses, self.dtypes = 0, [], set()
+
+        def training_step(self, batch, index):
+            self.training_steps += 1
+            x, y = batch
+            out = self.net(x)
+            self.dtypes.add(out.dtype)
+            loss = torch.nn.functional.mse_loss(out.float(), y)
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            opt = Recording(self.parameters(), lr=1e-2, weight_decay=0.0, density=0.5)
+            opt.module, opt.calls = self, []
+            return opt
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen)
+    y = x @ torch.randn(8, 1, generator=gen)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    torch.manual_seed(0)
+    module = Regression()
+    trainer = lightning.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=40, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, data)
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, Recording)
+    assert opt.calls == [(True, 1)] * 40  # every step came with a closure, which our step ran once
+    assert module.dtypes == {torch.bfloat16}  # the forward ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert sum(module.losses[-5:]) < 0.5 * sum(module.losses[:5])
+    stats = opt.mask_stats()[0]
+    assert abs(stats["realised_density"] - 0.5) <= 0.05 and stats["frozen"] > 0

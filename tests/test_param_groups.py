@@ -1,0 +1,198 @@
+"""decay_groups and layerwise_lr_groups: exact membership, lr per depth, and use in optimizers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from masked_optim import MaskedAdamW, decay_groups, layerwise_lr_groups
+
+
+class MyRMSNorm(nn.Module):  # a custom norm class, as Hugging Face models define them
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.Linear(width, width)
+        self.ln_2 = MyRMSNorm(width)
+        self.mlp = nn.Linear(width, width, bias=False)
+
+
+class TinyGPT(nn.Module):
+    """GPT-2's names (transformer.wte/wpe/h.N/ln_f, lm_head tied to wte) and a frozen buffer-like param."""
+
+    def __init__(self, layers: int = 3, width: int = 8, vocab: int = 16) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, width), wpe=nn.Embedding(4, width),
+            h=nn.ModuleList(Block(width) for _ in range(layers)), ln_f=nn.LayerNorm(width),
+        ))
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        self.frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
+
+
+BLOCK_DECAY = ("attn.weight", "mlp.weight")
+BLOCK_NO_DECAY = ("ln_1.weight", "ln_1.bias", "attn.bias", "ln_2.weight")
+
+
+def names_of(model: nn.Module, params: list) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for p in params]
+
+
+def test_decay_groups_exact_membership():
+    model = TinyGPT()
+    groups = decay_groups(model, weight_decay=0.1, density=0.3)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(g["density"] == 0.3 for g in groups)
+    assert names_of(model, groups[0]["params"]) == [f"transformer.h.{i}.{n}" for i in range(3) for n in BLOCK_DECAY]
+    assert names_of(model, groups[1]["params"]) == (
+        ["transformer.wte.weight", "transformer.wpe.weight"]  # the tied lm_head appears once, as wte
+        + [f"transformer.h.{i}.{n}" for i in range(3) for n in BLOCK_NO_DECAY]
+        + ["transformer.ln_f.weight", "transformer.ln_f.bias"]
+    )  # the frozen parameter is in neither group
+
+
+def test_decay_groups_kinds_and_patterns():
+    model = TinyGPT(layers=1)
+    only_bias = decay_groups(model, 0.1, no_decay=("bias",))
+    assert set(names_of(model, only_bias[1]["params"])) == {"transformer.h.0.ln_1.bias", "transformer.h.0.attn.bias", "transformer.ln_f.bias"}
+    with_pattern = decay_groups(model, 0.1, no_decay=(), no_decay_patterns=(r"\.mlp\.",))
+    assert names_of(model, with_pattern[1]["params"]) == ["transformer.h.0.mlp.weight"]
+    nothing_exempt = decay_groups(model, 0.1, no_decay=())
+    assert len(nothing_exempt) == 1 and len(nothing_exempt[0]["params"]) == len([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weight_decay=-0.1), "weight_decay: -0.1"),
+    (dict(weight_decay=float("nan")), "weight_decay: nan"),
+    (dict(weight_decay=0.1, no_decay=("bias", "layernorm")), "no_decay: \\['layernorm'\\]"),
+    (dict(weight_decay=0.1, params=[]), "option: params"),
+])
+def test_decay_groups_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        decay_groups(TinyGPT(), **kwargs)
+
+
+@pytest.mark.parametrize("optimizer_cls", [MaskedAdamW, torch.optim.AdamW])
+def test_decay_groups_drive_weight_decay(optimizer_cls):
+    """With zero grads only weight decay moves a param: the decay group shrinks, the rest stays."""
+    model = TinyGPT(layers=1)
+    opt = optimizer_cls(decay_groups(model, weight_decay=0.5), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    decayed = set(names_of(model, opt.param_groups[0]["params"]))
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - 0.1 * 0.5) if name in decayed else before[name]
+        assert torch.equal(p.detach(), expected), name
+
+
+def depth_lrs(model: nn.Module, groups: list, lr: float) -> dict[str, float]:
+    return {name: group["lr"] / lr for group in groups for name in names_of(model, group["params"])}
+
+
+def test_layerwise_lr_gpt_names():
+    model = TinyGPT(layers=3)
+    lr, decay = 1e-3, 0.5
+    groups = layerwise_lr_groups(model, lr, decay)
+    # depth 0 embeddings, 1..3 blocks, 4 final norm/head; lr * decay ** (4 - depth)
+    expected = {"transformer.wte.weight": decay**4, "transformer.wpe.weight": decay**4,
+                "transformer.ln_f.weight": 1.0, "transformer.ln_f.bias": 1.0}
+    for i in range(3):
+        for name in BLOCK_DECAY + BLOCK_NO_DECAY:
+            expected[f"transformer.h.{i}.{name}"] = decay ** (3 - i)
+    assert depth_lrs(model, groups, lr) == pytest.approx(expected, rel=1e-12)
+    assert [g["lr"] for g in groups] == sorted(g["lr"] for g in groups)  # ordered input -> output
+    assert all("weight_decay" not in g for g in groups)
+
+
+def test_layerwise_lr_with_weight_decay_split():
+    model = TinyGPT(layers=2)
+    groups = layerwise_lr_groups(model, 1.0, 0.8, weight_decay=0.1, density=0.2)
+    assert [(round(g["lr"], 12), g["weight_decay"], len(g["params"])) for g in groups] == [
+        (round(0.8**3, 12), 0.0, 2),  # embeddings: no decay
+        (round(0.8**2, 12), 0.1, 2), (round(0.8**2, 12), 0.0, 4),
+        (0.8, 0.1, 2), (0.8, 0.0, 4),
+        (1.0, 0.0, 2),  # ln_f; lm_head is tied to wte
+    ]
+    assert all(g["density"] == 0.2 for g in groups)
+    MaskedAdamW(groups)  # standard param groups: accepted as they are
+
+
+def _nest(**children: nn.Module) -> nn.Module:
+    module = nn.Module()
+    for name, child in children.items():
+        setattr(module, name, child)
+    return module
+
+
+def test_layerwise_lr_llama_and_bert_names():
+    llama = _nest(model=_nest(embed_tokens=nn.Embedding(10, 4), layers=nn.ModuleList(nn.Linear(4, 4) for _ in range(2)),
+                              norm=nn.RMSNorm(4)), lm_head=nn.Linear(4, 10, bias=False))
+    assert depth_lrs(llama, layerwise_lr_groups(llama, 1.0, 0.5), 1.0) == {
+        "model.embed_tokens.weight": 0.125, "model.layers.0.weight": 0.25, "model.layers.0.bias": 0.25,
+        "model.layers.1.weight": 0.5, "model.layers.1.bias": 0.5, "model.norm.weight": 1.0, "lm_head.weight": 1.0,
+    }
+    bert = _nest(bert=_nest(embeddings=_nest(word_embeddings=nn.Embedding(10, 4), LayerNorm=nn.LayerNorm(4)),
+                            encoder=_nest(layer=nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(12)))),
+                 classifier=nn.Linear(4, 2, bias=False))
+    lrs = depth_lrs(bert, layerwise_lr_groups(bert, 1.0, 0.5), 1.0)
+    assert lrs["bert.embeddings.LayerNorm.weight"] == lrs["bert.embeddings.word_embeddings.weight"] == 0.5**13
+    assert lrs["bert.encoder.layer.10.weight"] == 0.5**2 and lrs["bert.encoder.layer.11.weight"] == 0.5
+    assert lrs["classifier.weight"] == 1.0
+
+
+def test_layerwise_lr_embed_in_names():
+    """``pos_embed``-style parameters count as embeddings; an ``unembed`` head does not."""
+    model = _nest(blocks=nn.ModuleList(nn.Linear(2, 2, bias=False) for _ in range(2)), unembed=nn.Linear(2, 3, bias=False))
+    model.pos_embed = nn.Parameter(torch.zeros(2))
+    assert depth_lrs(model, layerwise_lr_groups(model, 1.0, 0.5), 1.0) == {
+        "pos_embed": 0.125, "blocks.0.weight": 0.25, "blocks.1.weight": 0.5, "unembed.weight": 1.0,
+    }
+
+
+def test_layerwise_lr_survives_lr_scheduler():
+    model = TinyGPT(layers=2)
+    opt = MaskedAdamW(layerwise_lr_groups(model, 1e-2, 0.5))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * 0.5**k for k in (3, 2, 1, 0)], rel=1e-12)
+    assert scheduler.get_last_lr() == [g["lr"] for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1.0, decay=0.5), "lr: -1.0"),
+    (dict(lr=1.0, decay=0.0), "decay: 0.0"),
+    (dict(lr=1.0, decay=1.5), "decay: 1.5"),
+    (dict(lr=1.0, decay=0.5, weight_decay=-1.0), "weight_decay: -1.0"),
+    (dict(lr=1.0, decay=0.5, num_layers=2), "num_layers: 2 .*block 2"),
+    (dict(lr=1.0, decay=0.5, layer_pattern=r"\.stage\.(\d+)\."), "layer_pattern"),
+    (dict(lr=1.0, decay=0.5, params=[]), "option: params"),
+])
+def test_layerwise_lr_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        layerwise_lr_groups(TinyGPT(layers=3), **kwargs)
+
+
+def test_tiny_hf_gpt2():
+    """On a real (random, tiny) GPT-2: HF's decay set minus the embeddings (and the head tied to
+    wte, which HF lists by name); blocks found by name."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    groups = decay_groups(model, 0.1)
+    hf_decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    assert set(names_of(model, groups[0]["params"])) == hf_decay - {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}
+    assert set(names_of(model, groups[0]["params"])) == {
+        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    lrs = depth_lrs(model, layerwise_lr_groups(model, 1.0, 0.5), 1.0)
+    assert lrs["transformer.wte.weight"] == 0.125 and lrs["transformer.h.0.attn.c_attn.weight"] == 0.25
+    assert lrs["transformer.h.1.ln_2.bias"] == 0.5 and lrs["transformer.ln_f.weight"] == 1.0
