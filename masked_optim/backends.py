@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import torch
 
@@ -20,11 +21,18 @@ def triton_runs_on(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton has no backend for device type {device.type!r}"
 
 
-def resolve(name: str, device: torch.device) -> str:
+#: on the CPU, ``"auto"`` compiles groups at least this large: below it the one-off compile
+#: (seconds per variant) costs more than the eager reference's extra passes save
+AUTO_COMPILE_MIN_NUMEL = 1 << 22
+
+
+def resolve(name: str, device: torch.device, numel: int = 0) -> str:
     """Map a group's ``backend`` option to the implementation that runs on ``device``.
 
-    ``"auto"`` takes the Triton kernel on CUDA when it can run there, else the reference.
-    ``"triton"`` raises RuntimeError, naming the device, where Triton cannot run.
+    ``"auto"`` takes the Triton kernel on CUDA when it can run there; on the CPU it takes the
+    ``compile`` backend for groups of at least ``AUTO_COMPILE_MIN_NUMEL`` elements when a C++
+    compiler is present (Inductor needs one), else the reference. ``"triton"`` raises
+    RuntimeError, naming the device, where Triton cannot run.
     """
     if name in ("torch", "compile"):
         return name
@@ -33,4 +41,9 @@ def resolve(name: str, device: torch.device) -> str:
         if not runs:
             raise RuntimeError(f"backend='triton' cannot run on device {device}: {why}")
         return "triton"
-    return "triton" if runs and device.type == "cuda" else "torch"
+    if runs and device.type == "cuda":
+        return "triton"
+    has_compiler = shutil.which("c++") is not None or shutil.which("g++") is not None
+    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and has_compiler:
+        return "compile"
+    return "torch"

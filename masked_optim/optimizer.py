@@ -264,7 +264,7 @@ class MaskedAdamW(Optimizer):
             if not tensors:
                 stats.append(previous)
                 continue
-            backend = backends.resolve(group["backend"], params[0].device)
+            backend = backends.resolve(group["backend"], params[0].device, sum(t.param.numel() for t in tensors))
             result = functional.masked_adamw(
                 tensors, GroupHyper.from_group(group), backend=backend,
                 grad_scale=grad_scale, found_inf=found_inf,

@@ -85,3 +85,15 @@ def test_state_tensors_are_not_on_the_gpu_at_import():
 
     if torch.cuda.is_available():
         assert not torch.cuda.is_initialized()
+
+
+def test_auto_backend_choice_on_cpu():
+    from masked_optim import backends
+
+    cpu = torch.device("cpu")
+    assert backends.resolve("auto", cpu, 1000) == "torch"
+    import shutil
+
+    expected = "compile" if shutil.which("c++") or shutil.which("g++") else "torch"
+    assert backends.resolve("auto", cpu, backends.AUTO_COMPILE_MIN_NUMEL) == expected
+    assert backends.resolve("torch", cpu, 1 << 30) == "torch"
