@@ -1,0 +1,22 @@
+"""CI smoke test of the one-call GPU script: a tiny run on the CPU (Triton interpreter)."""
+import json
+import os
+import subprocess
+import sys
+
+
+def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_run.py", str(tmp_path), "--tiny", "--device", "cpu", "--repeats", "1"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    for dtype, check in result["correctness"].items():
+        assert check["gate_mismatches"] == 0 and check["max_relative_param_error"] < 1e-3, (dtype, check)
+    impls = {row["impl"] for row in result["rows"]}
+    assert {"torch_adamw_fused", "masked_triton", "masked_torch", "masked_compile"} <= impls
+    assert all(row["seconds"] > 0 and row["bytes_per_element"] > 0 for row in result["rows"])
+    assert "copy bandwidth" in done.stdout and done.stdout.rstrip().endswith("results.json")
