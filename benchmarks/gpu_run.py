@@ -140,7 +140,7 @@ def main() -> None:
 
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        device=torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name(),
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         tiny=args.tiny, repeats=repeats,
     )
@@ -160,6 +160,15 @@ def main() -> None:
         json.dump(result, handle, indent=1)
     print_table(result)
     print(f"wrote {path}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "cpu"
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def print_table(result: dict) -> None:
