@@ -167,8 +167,6 @@ def step_group(
     found_inf: Optional[Tensor] = None,
 ) -> Optional[GroupStats]:
     """One MaskedAdamW step of one param group through the compiled per-tensor loops."""
-    if found_inf is not None and bool(found_inf.item()):
-        return None  # like the reference: the scaler skipped this step, nothing changes
     protect = hyper.mask == "protect"
     flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
     has_gate = [hyper.density < 1.0 and not (protect and t.anchor is None) for t in tensors]

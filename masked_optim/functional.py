@@ -103,6 +103,8 @@ def masked_adamw(
     GradScaler's scale (grads are divided by it); a nonzero ``found_inf`` means the step is
     skipped and nothing at all changes (returns None in that case for the reference backend).
     """
+    if backend in ("torch", "compile") and found_inf is not None and bool(found_inf.item()):
+        return None  # host-side backends: the scaler skipped this step, nothing changes at all
     if backend == "torch":
         from masked_optim import reference
 

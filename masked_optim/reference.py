@@ -3,7 +3,8 @@
 It is the executable specification and the yardstick of every other backend, so it is written
 to be read: one function per SPEC step, no fusion. With ``density == 1`` and no anchor its
 arithmetic is operation-for-operation ``torch.optim.AdamW(foreach=False)``.
-Under a GradScaler it synchronises once per step to read ``found_inf`` (kernels do not).
+Under a GradScaler, ``functional.masked_adamw`` reads ``found_inf`` on the host before calling it
+(one sync per step; the Triton kernel reads it on the device).
 """
 from __future__ import annotations
 
@@ -116,8 +117,6 @@ def step_group(
     found_inf: Optional[Tensor] = None,
 ) -> Optional[GroupStats]:
     """One MaskedAdamW step of one param group, in place. Returns device-side counts."""
-    if found_inf is not None and bool(found_inf.item()):
-        return None  # the scaler skips this step: nothing changes at all
     lr = _value(hyper.lr)
     gated = hyper.density < 1.0
     protect = hyper.mask == "protect"
