@@ -1,7 +1,6 @@
 """Scenarios run inside each rank of tests/test_distributed.py (gloo, CPU)."""
 from __future__ import annotations
 
-import copy
 import os
 
 import torch

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from masked_optim import MaskedAdamW
-from tests.helpers import assert_bitwise_equal, set_random_grads, snapshot
+from tests.helpers import set_random_grads, snapshot
 from tests.tolerances import assert_close
 
 
