@@ -114,9 +114,9 @@ def masked_adamw(
 
         return compiled.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
     if backend == "triton":
-        from masked_optim.kernels import launch
+        from masked_optim.kernels import op
 
-        return launch.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+        return op.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
     raise ValueError(f"Invalid backend: {backend!r}")
 
 

@@ -231,7 +231,7 @@ class MaskedAdamW(Optimizer):
 
     def _check_grads(self) -> None:
         for group in self.param_groups:
-            validate_group(group)
+            validate_group(group, read_tensors=False)
             for param in group["params"]:
                 if param.grad is not None and param.grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
@@ -248,14 +248,30 @@ class MaskedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_groups(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if self._all_triton():
+            self._step_groups(grad_scale, found_inf)
+        else:
+            self._step_groups_outside_graph(grad_scale, found_inf)
         return loss
 
+    def _all_triton(self) -> bool:
+        """Whether every group with params steps with the Triton kernel."""
+        return all(
+            backends.resolve(group["backend"], group["params"][0].device) == "triton"
+            for group in self.param_groups if group["params"]
+        )
+
     @torch.compiler.disable
+    def _step_groups_outside_graph(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """The step of the torch and compile backends. Inside a ``torch.compile``-d training step
+        it runs as it is (each brings its own fusion): one graph break, no recompiles when lr or
+        other options change."""
+        self._step_groups(grad_scale, found_inf)
+
     def _step_groups(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        """The step proper. Inside a ``torch.compile``-d training step it runs as it is (each
-        backend brings its own fusion), so compiling the model around it costs no graph breaks
-        in the optimizer and no recompiles when lr or other options change."""
+        """The step proper. With the Triton backend ``torch.compile`` traces it: the kernel is
+        the ``torch.library`` op ``masked_optim::fused_step`` (``kernels/op.py``)."""
         self._check_grads()
         stats: list[Optional[GroupStats]] = []
         for index, group in enumerate(self.param_groups):
@@ -273,7 +289,7 @@ class MaskedAdamW(Optimizer):
                 for param in params:
                     self.state[param]["threshold_for"] = _threshold_key(group)
             stats.append(result if result is not None else previous)
-        self._last_stats = stats
+        self._last_stats[:] = stats  # in place: a compiled step replays list mutations
 
     @torch.no_grad()
     def observe(self) -> None:

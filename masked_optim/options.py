@@ -35,11 +35,13 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _number(name: str, value: Any) -> float:
+def _number(name: str, value: Any, read_tensors: bool = True) -> float:
+    """``value`` as a float; a 1-element Tensor is read only when ``read_tensors`` (else NaN-free
+    0.0 stands in: the step path never synchronises with the device to re-check a Tensor lr)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a float or a 1-element Tensor, got a Tensor of shape {tuple(value.shape)}")
-        return float(value.detach().reshape(()).item())
+        return float(value.detach().reshape(()).item()) if read_tensors else 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)
@@ -50,9 +52,13 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, allowed))})")
 
 
-def validate_group(group: dict[str, Any]) -> None:
-    """Raise ValueError naming the first invalid hyper-parameter of ``group``."""
-    lr = _number("lr", group["lr"])
+def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
+    """Raise ValueError naming the first invalid hyper-parameter of ``group``.
+
+    ``read_tensors=False`` (every step) checks a Tensor lr's shape but not its value, which
+    would cost a device synchronisation; its value is checked when the group is added.
+    """
+    lr = _number("lr", group["lr"], read_tensors)
     if not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid lr: {lr} (must be finite and >= 0)")
     betas = group["betas"]

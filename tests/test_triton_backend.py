@@ -85,12 +85,20 @@ def snapshot(optimizer: MaskedAdamW, params: list[torch.nn.Parameter]) -> dict:
     return out
 
 
-def run(backend: str, name: str, device: str) -> list[dict]:
-    """Run one configuration; per step: the snapshot and mask_stats."""
+def run(backend: str, name: str, device: str, compiled: bool = False, tensor_lr: bool = False) -> list[dict]:
+    """Run one configuration; per step: the snapshot and mask_stats.
+
+    ``compiled``: the steps go through ``torch.compile(optimizer.step, fullgraph=True)``.
+    ``tensor_lr``: every lr is a Tensor (as torch.optim advises under compile: a float lr is a
+    guarded constant, so a schedule would recompile every step).
+    """
     options, overrides_b, flags = CONFIGS[name]
     group_a, group_b = make_params(device)
     params = group_a + group_b
     overrides_b = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in overrides_b.items()}
+    if tensor_lr:
+        options = {**options, "lr": torch.tensor(options["lr"])}
+        overrides_b = {k: (torch.tensor(v) if k == "lr" and not torch.is_tensor(v) else v) for k, v in overrides_b.items()}
     optimizer = MaskedAdamW(
         [{"params": group_a}, {"params": group_b, **overrides_b}], backend=backend, **options,
     )
@@ -98,6 +106,7 @@ def run(backend: str, name: str, device: str) -> list[dict]:
         mask = torch.rand(group_a[1].shape, generator=torch.Generator().manual_seed(3)) < 0.7
         optimizer.set_mask(group_a[1], mask.to(device))
     generator = torch.Generator().manual_seed(1)
+    step_fn = torch.compile(optimizer.step, fullgraph=True) if compiled else optimizer.step
     history = []
     for step in range(STEPS):
         if flags.get("anchor") and step == CONSOLIDATE_AFTER:
@@ -107,7 +116,7 @@ def run(backend: str, name: str, device: str) -> list[dict]:
         if flags.get("scaler"):
             optimizer.grad_scale = torch.full((1,), scale, device=device)
             optimizer.found_inf = torch.full((1,), float(step == SKIPPED_STEP), device=device)
-        optimizer.step()
+        step_fn()
         for key in ("grad_scale", "found_inf"):
             optimizer.__dict__.pop(key, None)
         for group in optimizer.param_groups:  # a schedule: a new lr (float or Tensor) every step
@@ -130,10 +139,11 @@ def _moved(now: dict, before: dict, index: int) -> torch.Tensor:
     return changed
 
 
-def compare_backends(name: str, device: str) -> None:
-    """Run ``name`` on both backends and assert they agree after every step."""
-    expected_history = run("torch", name, device)
-    actual_history = run("triton", name, device)
+def compare_backends(name: str, device: str, compiled: bool = False) -> None:
+    """Run ``name`` on both backends and assert they agree after every step (``compiled``: the
+    Triton run's steps are compiled, both runs use Tensor lrs)."""
+    expected_history = run("torch", name, device, tensor_lr=compiled)
+    actual_history = run("triton", name, device, compiled=compiled, tensor_lr=compiled)
     previous: dict = {}
     previous_actual: dict = {}
     for step, ((expected, expected_stats), (actual, actual_stats)) in enumerate(zip(expected_history, actual_history)):

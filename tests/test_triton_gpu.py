@@ -27,6 +27,13 @@ def test_compiled_triton_matches_reference(name):
     compare_backends(name, "cuda")
 
 
+@pytest.mark.parametrize("name", ["adamw-tensor-lr-schedule", "select-group-scope-anchor-soft-restore-usermask"])
+def test_torch_compiled_step_matches_reference(name):
+    """``torch.compile(opt.step, fullgraph=True)`` through the ``torch.library`` op on CUDA."""
+    torch._dynamo.reset()
+    compare_backends(name, "cuda", compiled=True)
+
+
 def test_new_hyper_parameters_do_not_recompile():
     """lr (float and Tensor), betas, eps, weight decay, density, protect strength, anchor decay
     and importance kind are runtime values: changing them adds no compiled kernel."""

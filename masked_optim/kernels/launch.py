@@ -19,7 +19,7 @@ from torch import Tensor
 
 from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum
-from masked_optim.functional import GroupHyper, GroupStats, TensorState, units
+from masked_optim.functional import GroupHyper, TensorState, units
 from masked_optim.kernels import layout, stats, tables
 from masked_optim.kernels.finish_kernel import _finish_step_kernel
 from masked_optim.kernels.step_kernel import _masked_adamw_kernel, _score_histogram_kernel
@@ -120,14 +120,15 @@ def step_group(
     *,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
-) -> GroupStats:
+) -> tuple[Tensor, Tensor]:
     """One MaskedAdamW step of one param group on the device, in place (``reference.step_group``).
 
     Computes what ``reference.step_group`` computes, for params in float32, bfloat16, float16
     or float64, without reading anything back to the host. ``grad_scale`` (float32 [1]) unscales
     the grads; a nonzero ``found_inf`` (float32 [1]) leaves params, moments, importance, step
-    counters, thresholds and the returned stats unchanged. The returned ``GroupStats`` are views
-    of per-group device buffers that always hold the last step taken.
+    counters, thresholds and the stats unchanged. Returns the group's persistent stats buffers
+    (``stats.stats_buffers``: int64 counts, int64 per-unit thresholds), which always hold the
+    last step taken. Callers go through ``op.fused_step``, the ``torch.library`` op.
     """
     device = tensors[0].param.device
     if device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -222,4 +223,4 @@ def step_group(
         for t in tensors:
             t.step += 1
             t.importance_step += 1
-    return stats.group_stats(stats_counts, stats_thresholds)
+    return stats_counts, stats_thresholds

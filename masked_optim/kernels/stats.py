@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from masked_optim.functional import GroupStats
 from masked_optim.kernels import layout
 from masked_optim.threshold import UNKNOWN
 
@@ -34,10 +33,3 @@ def stats_buffers(owner: Tensor, unit_count: int) -> tuple[Tensor, Tensor]:
     _buffers[owner] = (counts, thresholds)
     return counts, thresholds
 
-
-def group_stats(counts: Tensor, thresholds: Tensor) -> GroupStats:
-    """A GroupStats whose tensors are views of the persistent buffers."""
-    return GroupStats(
-        elements=counts[layout.ELEMENTS], updated=counts[layout.UPDATED], frozen=counts[layout.FROZEN],
-        skipped=counts[layout.SKIPPED], thresholds=list(thresholds.unbind(0)),
-    )

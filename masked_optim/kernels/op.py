@@ -1,0 +1,149 @@
+"""``torch.ops.masked_optim.fused_step``: the Triton step registered through ``torch.library``.
+
+Every ``backend="triton"`` step goes through this op, eager or compiled. Registering it lets
+``torch.compile`` trace a training step with the optimizer inside without a graph break: Dynamo
+and AOTAutograd see one opaque op that mutates the params and state in place (its fake
+implementation only allocates the two small stats outputs), and Inductor calls the real
+launcher at run time. Schema (per-tensor lists are parallel, one entry per param)::
+
+    fused_step(params, grads, exp_avgs, exp_avg_sqs, importances, steps, importance_steps,
+               thresholds, anchors, anchor_params, user_masks, threshold_known, shard_groups,
+               lr, scalars, mask, importance, scope, nonfinite, grad_scale, found_inf)
+        -> (counts int64[COUNT_FIELDS], thresholds int64[gated units])
+
+``params``, the moments, importances, counters and thresholds are mutated. ``lr`` is the
+group's Tensor lr (None: the float in ``scalars``); ``scalars`` packs the float options in
+``_SCALARS`` order; ``shard_groups`` names the FSDP2 process groups of each tensor
+(``";"`` between tensors, ``","`` between groups). The outputs are copies of the group's
+persistent stats buffers (``stats.py``), so they never alias the inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from masked_optim.functional import GroupHyper, GroupStats, TensorState
+from masked_optim.kernels import layout
+
+_SCALARS = (
+    "lr", "beta1", "beta2", "eps", "weight_decay", "density", "importance_beta",
+    "protect_strength", "anchor_decay", "maximize",
+)
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "importances", "steps", "importance_steps", "thresholds")
+
+
+def gated_unit_count(has_anchor: list[bool], hyper: GroupHyper) -> int:
+    """How many gated units (each with one threshold) a group's step has."""
+    if hyper.density >= 1.0 or not has_anchor:
+        return 0
+    scored = [not (hyper.mask == "protect" and not anchored) for anchored in has_anchor]
+    if hyper.scope == "group":
+        return int(any(scored))
+    return sum(scored)
+
+
+def _encode_groups(tensors: list[TensorState]) -> str:
+    return ";".join(",".join(group.group_name for group in t.shard_groups) for t in tensors)
+
+
+def _decode_groups(encoded: str, count: int) -> list[tuple]:
+    if not encoded.strip(";"):
+        return [()] * count
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return [tuple(_resolve_process_group(name) for name in part.split(",") if name) for part in encoded.split(";")]
+
+
+def _hyper(lr: Optional[Tensor], scalars: list[float], mask: str, importance: str, scope: str, nonfinite: str) -> GroupHyper:
+    values = dict(zip(_SCALARS, scalars))
+    return GroupHyper(
+        lr=lr if lr is not None else values["lr"], beta1=values["beta1"], beta2=values["beta2"],
+        eps=values["eps"], weight_decay=values["weight_decay"], density=values["density"], mask=mask,
+        importance=importance, importance_beta=values["importance_beta"],
+        protect_strength=values["protect_strength"], anchor_decay=values["anchor_decay"],
+        scope=scope, maximize=bool(values["maximize"]), nonfinite=nonfinite,
+    )
+
+
+@torch.library.custom_op("masked_optim::fused_step", mutates_args=_MUTATED)
+def fused_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    importances: list[Tensor],
+    steps: list[Tensor],
+    importance_steps: list[Tensor],
+    thresholds: list[Tensor],
+    anchors: list[Optional[Tensor]],
+    anchor_params: list[Optional[Tensor]],
+    user_masks: list[Optional[Tensor]],
+    threshold_known: list[bool],
+    shard_groups: str,
+    lr: Optional[Tensor],
+    scalars: list[float],
+    mask: str,
+    importance: str,
+    scope: str,
+    nonfinite: str,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """One MaskedAdamW step of one param group on the device (``launch.step_group``)."""
+    from masked_optim.kernels import launch
+
+    groups = _decode_groups(shard_groups, len(params))
+    tensors = [
+        TensorState(
+            param=p, grad=g, exp_avg=m, exp_avg_sq=v, importance=s, step=t, importance_step=ts,
+            threshold=tau, threshold_known=known, anchor=a, anchor_param=ap, shard_groups=sg, user_mask=um,
+        )
+        for p, g, m, v, s, t, ts, tau, known, a, ap, sg, um in zip(
+            params, grads, exp_avgs, exp_avg_sqs, importances, steps, importance_steps, thresholds,
+            threshold_known, anchors, anchor_params, groups, user_masks,
+        )
+    ]
+    hyper = _hyper(lr, scalars, mask, importance, scope, nonfinite)
+    counts, unit_thresholds = launch.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+    return counts.clone(), unit_thresholds.clone()
+
+
+@fused_step.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, importances, steps, importance_steps, thresholds, anchors,
+      anchor_params, user_masks, threshold_known, shard_groups, lr, scalars, mask, importance, scope,
+      nonfinite, grad_scale, found_inf):
+    hyper = _hyper(lr, scalars, mask, importance, scope, nonfinite)
+    units = gated_unit_count([a is not None for a in anchors], hyper)
+    device = params[0].device
+    return (
+        torch.empty(layout.COUNT_FIELDS, dtype=torch.int64, device=device),
+        torch.empty(units, dtype=torch.int64, device=device),
+    )
+
+
+def step_group(
+    tensors: list[TensorState],
+    hyper: GroupHyper,
+    *,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> GroupStats:
+    """One group's Triton step through the registered op; the returned stats are its outputs."""
+    lr = hyper.lr if isinstance(hyper.lr, Tensor) else None
+    scalars = [0.0 if lr is not None else float(hyper.lr), hyper.beta1, hyper.beta2, hyper.eps,
+               hyper.weight_decay, hyper.density, hyper.importance_beta, hyper.protect_strength,
+               hyper.anchor_decay, float(hyper.maximize)]
+    counts, unit_thresholds = torch.ops.masked_optim.fused_step(
+        [t.param for t in tensors], [t.grad for t in tensors], [t.exp_avg for t in tensors],
+        [t.exp_avg_sq for t in tensors], [t.importance for t in tensors], [t.step for t in tensors],
+        [t.importance_step for t in tensors], [t.threshold for t in tensors], [t.anchor for t in tensors],
+        [t.anchor_param for t in tensors], [t.user_mask for t in tensors], [t.threshold_known for t in tensors],
+        _encode_groups(tensors), lr, scalars, hyper.mask, hyper.importance, hyper.scope, hyper.nonfinite,
+        grad_scale, found_inf,
+    )
+    return GroupStats(
+        elements=counts[layout.ELEMENTS], updated=counts[layout.UPDATED], frozen=counts[layout.FROZEN],
+        skipped=counts[layout.SKIPPED], thresholds=list(unit_thresholds.unbind(0)),
+    )

@@ -1,0 +1,111 @@
+"""The Triton step as a ``torch.library`` op: torch.compile traces the optimizer step through it.
+
+On the CPU under ``TRITON_INTERPRET=1``; ``tests/test_triton_gpu.py`` repeats the comparison
+with compiled kernels on CUDA.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from masked_optim import MaskedAdamW
+from masked_optim.kernels import tables
+from tests.test_triton_backend import compare_backends
+from tests.tolerances import assert_close
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", [
+    "adamw-tensor-lr-schedule", "select-group-scope-anchor-soft-restore-usermask", "select-magnitude-nonfinite-scaler",
+])
+def test_compiled_step_matches_reference(name):
+    """``torch.compile(opt.step, fullgraph=True)``: params, every state tensor, gates and
+    mask_stats agree with the eager reference after every step (fullgraph: no graph break)."""
+    compare_backends(name, "cpu", compiled=True)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+
+def test_lr_schedule_does_not_recompile_and_steps_in_place():
+    """After the first two steps (state creation, then the steady state) a Tensor lr that
+    changes every step adds no graph, and the op writes the real params and state (the launch
+    tables, cached by tensor addresses, are not rebuilt)."""
+    model = _model()
+    opt = MaskedAdamW(model.parameters(), lr=torch.tensor(1e-2), backend="triton", density=0.5, anchor_decay=1.0)
+    step = torch.compile(opt.step, fullgraph=True)
+    x = torch.randn(8, 16)
+    for index in range(6):
+        if index == 3:
+            opt.consolidate()
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        step()
+        assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters())), index
+        if index == 4:  # steady state after consolidate: remember the graphs and the tables
+            graphs, cached = counters["stats"]["unique_graphs"], dict(tables._cache)
+        opt.param_groups[0]["lr"].mul_(0.5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert dict(tables._cache).keys() == cached.keys()
+    assert not counters["graph_break"]
+    stats = opt.mask_stats()[0]
+    assert 0.4 < stats["realised_density"] < 0.6 and stats["elements"] == sum(p.numel() for p in model.parameters())
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile around forward, backward and the Triton step gives the eager trajectory."""
+    model, twin = _model(), _model()
+    opt = MaskedAdamW(model.parameters(), lr=torch.tensor(1e-2), backend="triton", density=0.5)
+    twin_opt = MaskedAdamW(twin.parameters(), lr=torch.tensor(1e-2), backend="triton", density=0.5)
+
+    def train_step(net, optimizer, x, y):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    compiled = torch.compile(train_step)
+    for _ in range(4):
+        x, y = torch.randn(8, 16), torch.randn(8, 4)
+        compiled(model, opt, x, y)
+        train_step(twin, twin_opt, x, y)
+        for optimizer in (opt, twin_opt):
+            optimizer.param_groups[0]["lr"].mul_(0.7)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p.detach(), q.detach(), "compiled training step")
+    assert opt.mask_stats() == twin_opt.mask_stats()
+
+
+def test_opcheck():
+    """torch.library's own checks of the op: schema (declared mutations), fake tensors, and
+    AOTAutograd tracing."""
+    model = _model()
+    opt = MaskedAdamW(model.parameters(), lr=torch.tensor(1e-2), backend="triton", density=0.5, anchor_decay=1.0)
+    model(torch.randn(8, 16)).square().mean().backward()
+    opt.step()
+    opt.consolidate()
+    states = [opt.state[p] for p in model.parameters()]
+    params = list(model.parameters())
+    args = (
+        [p.detach() for p in params], [p.grad for p in params], [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states], [s["importance"] for s in states], [s["step"] for s in states],
+        [s["importance_step"] for s in states], [s["threshold"] for s in states], [s["anchor"] for s in states],
+        [s["anchor_param"] for s in states], [None] * len(params), [False] * len(params), "",
+        torch.tensor(1e-2), [0.0, 0.9, 0.999, 1e-8, 0.01, 0.5, 0.99, 0.0, 1.0, 0.0],
+        "select", "fisher", "tensor", "skip", None, None,
+    )
+    torch.library.opcheck(torch.ops.masked_optim.fused_step.default, copy.deepcopy(args))
