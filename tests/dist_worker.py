@@ -97,6 +97,29 @@ def scenario_fsdp2(rank: int, world: int, tmpdir: str) -> None:
                 assert torch.equal(_full(other), _full(value)), key
 
 
+def scenario_fsdp2_triton(rank: int, world: int) -> None:
+    """The Triton kernel (interpreter) on FSDP2 shards, its histograms all-reduced through the
+    op's process-group names, against a single-process run of the reference."""
+    from torch.distributed.fsdp import fully_shard
+
+    data = batches(6)
+    single = model_factory()
+    single_opt = MaskedAdamW(single.parameters(), **OPTIONS, scope="group", backend="torch")
+    train(single, single_opt, data, consolidate_at=2)
+    model = model_factory()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = MaskedAdamW(model.parameters(), **OPTIONS, scope="group", backend="triton")
+    train(model, opt, data, consolidate_at=2)
+    for p, q in zip(model.parameters(), single.parameters()):
+        assert_close(p.full_tensor(), q.detach(), "FSDP2 triton param vs single-process reference")
+        assert int(opt.state[p]["threshold"]) == int(single_opt.state[q]["threshold"])
+        for key in ("exp_avg", "exp_avg_sq", "importance", "anchor"):
+            assert_close(_full(opt.state[p][key]), single_opt.state[q][key], key)
+
+
 def run(rank: int, world: int, port: int, tmpdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -104,5 +127,6 @@ def run(rank: int, world: int, port: int, tmpdir: str) -> None:
     try:
         scenario_ddp(rank, world)
         scenario_fsdp2(rank, world, tmpdir)
+        scenario_fsdp2_triton(rank, world)
     finally:
         dist.destroy_process_group()
