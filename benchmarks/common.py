@@ -60,11 +60,14 @@ def make_params(case: Case, device: str) -> list[torch.Tensor]:
 
 
 def make_optimizer(impl: str, params: list[torch.Tensor], density: float) -> torch.optim.Optimizer:
-    """impl: torch_adamw_fused | torch_adamw_foreach | masked_<backend> (torch, compile, triton)."""
+    """impl: torch_adamw_fused | torch_adamw_foreach | masked_<backend> (torch, compile, triton)
+    | masked_triton_compiled (the triton backend, its step to be wrapped in torch.compile)."""
     if impl == "torch_adamw_fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
     if impl == "torch_adamw_foreach":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    if impl == "masked_triton_compiled":  # stepped through torch.compile: a Tensor lr, as advised
+        return MaskedAdamW(params, lr=torch.tensor(1e-3, device=params[0].device), density=density, backend="triton")
     backend = impl.removeprefix("masked_")
     return MaskedAdamW(params, lr=1e-3, density=density, backend=backend)
 

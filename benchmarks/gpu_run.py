@@ -62,28 +62,34 @@ def implementations(device: str, case: Case, tiny: bool) -> list[str]:
     impls = ["torch_adamw_fused", "torch_adamw_foreach", "masked_compile"]
     if device != "cpu" or tiny:  # on the CPU Triton only runs in its (slow) interpreter
         impls.append("masked_triton")
+        if len(case.shapes) > 1 and case.dtype == torch.float32:  # many tensors: what tracing the host side saves
+            impls.append("masked_triton_compiled")
     if case.numel <= (1 << 26 if device != "cpu" else 1 << 24):  # the eager reference is many passes
         impls.append("masked_torch")
     return impls
 
 
 def correctness(device: str, tiny: bool) -> dict:
-    """Triton vs the reference on the device: several steps on a multi-tensor set."""
+    """Triton vs the reference on the device: several steps on a multi-tensor set, eagerly and
+    (fp32) through ``torch.compile(opt.step, fullgraph=True)``, i.e. the ``torch.library`` op."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(1,), (4097,), (123, 431), (0,), (1000, 100)] if not tiny else [(1,), (513,), (37, 11)]
     report = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, compiled in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
         ours = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
         ref = [p.detach().clone().requires_grad_() for p in ours]
         opts = dict(lr=1e-2, density=0.3, anchor_decay=5.0, protect_strength=1.0)
-        a, b = MaskedAdamW(ours, backend="triton", **opts), MaskedAdamW(ref, backend="torch", **opts)
+        if compiled:
+            opts["lr"] = torch.tensor(1e-2, device=device)
+        a, b = MaskedAdamW(ours, backend="triton", **opts), MaskedAdamW(ref, backend="torch", **{**opts, "lr": 1e-2})
+        step_a = torch.compile(a.step, fullgraph=True) if compiled else a.step
         gate_mismatch = 0
         for step in range(6):
             mine, theirs = [p.detach().clone() for p in ours], [q.detach().clone() for q in ref]
             for p, q in zip(ours, ref):
                 g = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
                 p.grad, q.grad = g, g.clone()
-            a.step()
+            step_a()
             b.step()
             if step == 2:
                 a.consolidate()
@@ -95,7 +101,7 @@ def correctness(device: str, tiny: bool) -> dict:
             (float(((p.detach().float() - q.detach().float()).abs() / (q.detach().float().abs() + 1e-6)).max()) if p.numel() else 0.0)
             for p, q in zip(ours, ref)
         )
-        report[str(dtype)] = dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
+        report[str(dtype) + (" torch.compile" if compiled else "")] = dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
     return report
 
 
@@ -111,6 +117,9 @@ def run_case(case: Case, device: str, repeats: int, tiny: bool) -> list[dict]:
             print(f"  skip {impl}: {error}", file=sys.stderr)
             continue
         fns[impl] = optimizers[impl].step
+        if impl == "masked_triton_compiled":
+            torch._dynamo.reset()  # each optimizer is a new variant of the one step code object
+            fns[impl] = torch.compile(optimizers[impl].step, fullgraph=True)
     medians = interleaved_medians(fns, device, repeats)
     rows = []
     for impl, seconds in medians.items():
@@ -145,6 +154,7 @@ def main() -> None:
         tiny=args.tiny, repeats=repeats,
     )
     result["correctness"] = correctness(device, args.tiny)
+    torch._dynamo.reset()
     result["copy_gbps"] = copy_bandwidth(device, 1 << 12 if args.tiny else (1 << 24 if device == "cpu" else 1 << 28))
     result["rows"] = []
     for case in cases(args.tiny, device):

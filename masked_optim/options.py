@@ -47,6 +47,12 @@ def _number(name: str, value: Any, read_tensors: bool = True) -> float:
     return float(value)
 
 
+def _finite(value: float) -> bool:
+    """``math.isfinite`` spelled with comparisons, which torch.compile can trace when it makes
+    an option a symbolic float (several optimizers compiled through the same ``step``)."""
+    return -math.inf < value < math.inf
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, allowed))})")
@@ -59,7 +65,7 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
     would cost a device synchronisation; its value is checked when the group is added.
     """
     lr = _number("lr", group["lr"], read_tensors)
-    if not math.isfinite(lr) or lr < 0:
+    if not _finite(lr) or lr < 0:
         raise ValueError(f"Invalid lr: {lr} (must be finite and >= 0)")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -71,7 +77,7 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
     ranges = (("eps", 0.0), ("weight_decay", 0.0), ("protect_strength", 0.0), ("anchor_decay", 0.0))
     for name, low in ranges:
         value = _number(name, group[name])
-        if not math.isfinite(value) or value < low:
+        if not _finite(value) or value < low:
             raise ValueError(f"Invalid {name}: {value} (must be finite and >= {low})")
     density = _number("density", group["density"])
     if not 0.0 < density <= 1.0:

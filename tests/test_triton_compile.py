@@ -109,3 +109,37 @@ def test_opcheck():
         "select", "fisher", "tensor", "skip", None, None,
     )
     torch.library.opcheck(torch.ops.masked_optim.fused_step.default, copy.deepcopy(args))
+
+
+def test_optimizers_with_different_options_share_the_compiled_step():
+    """Several optimizers compiled through the one ``MaskedAdamW.step`` code object: Dynamo turns
+    options that differ between them into symbolic floats; the step still traces (no
+    ``math.isfinite`` on them) and each matches its eager reference twin. Every optimizer and
+    state phase (state creation, steady, after consolidate) is a variant of that code object,
+    hence the raised recompile limit (Dynamo's default is 8)."""
+    configs = [dict(density=0.3, anchor_decay=5.0), dict(density=1.0), dict(density=0.6, mask="protect", weight_decay=0.1)]
+    generator = torch.Generator().manual_seed(0)
+    runs = []
+    for options in configs:
+        param = torch.nn.Parameter(torch.randn(300, generator=generator))
+        twin = torch.nn.Parameter(param.detach().clone())
+        opt = MaskedAdamW([param], lr=torch.tensor(1e-2), backend="triton", **options)
+        ref = MaskedAdamW([twin], lr=torch.tensor(1e-2), backend="torch", **options)
+        runs.append((param, twin, opt, ref, torch.compile(opt.step, fullgraph=True)))
+    with torch._dynamo.config.patch(recompile_limit=32):
+        _steps(runs, generator)
+    for param, twin, opt, ref, _ in runs:
+        assert_close(param.detach(), twin.detach(), "compiled step of one of several optimizers")
+        assert opt.mask_stats() == ref.mask_stats()
+
+
+def _steps(runs, generator):
+    for step in range(4):
+        for param, twin, opt, ref, compiled_step in runs:
+            if step == 2:
+                opt.consolidate()
+                ref.consolidate()
+            param.grad = torch.randn(300, generator=generator)
+            twin.grad = param.grad.clone()
+            compiled_step()
+            ref.step()
