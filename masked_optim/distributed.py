@@ -8,12 +8,14 @@ tensor is sharded across, so every rank derives the single-process values.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 
+@functools.cache
 def _dtensor_type() -> Optional[type]:
     try:
         from torch.distributed.tensor import DTensor

@@ -177,17 +177,23 @@ class MaskedAdamW(Optimizer):
 
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[param]
-        # the Triton kernels update the counters on the device (a GradScaler-skipped step must
-        # leave them unchanged without a host sync); the reference keeps them on the CPU
-        counters = param.device if backends.resolve(group["backend"], param.device) == "triton" else None
+        if "step" in state and "importance_step" in state and "threshold" in state:
+            return state  # the steady state: nothing to create
+
+        def counter() -> Tensor:
+            # the Triton kernels update the counters on the device (a GradScaler-skipped step
+            # must leave them unchanged without a host sync); the reference keeps them on the CPU
+            triton = backends.resolve(group["backend"], param.device) == "triton"
+            return torch.tensor(0.0, dtype=torch.float32, device=param.device if triton else None)
+
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=counters)
+            state["step"] = counter()
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros_like(param, dtype=self._state_dtype(key, param, group), memory_format=torch.preserve_format)
         if "importance" not in state:
             state["importance"] = torch.zeros_like(_real(param), dtype=self._importance_dtype(group))
-            state["importance_step"] = torch.tensor(0.0, dtype=torch.float32, device=counters)
+            state["importance_step"] = counter()
         if "threshold" not in state:
             state["threshold"] = torch.full((), thr.UNKNOWN, dtype=torch.int64, device=param.device)
             state["threshold_for"] = -_threshold_key(group)
@@ -215,6 +221,14 @@ class MaskedAdamW(Optimizer):
                 state["threshold"].fill_(thr.UNKNOWN)
                 state["threshold_for"] = -key
             params.append(param)
+            if not (param.is_complex() or is_dtensor(param)):  # the common case, spelled cheaply
+                tensors.append(TensorState(
+                    param=param, grad=param.grad, exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
+                    importance=state["importance"], step=state["step"], importance_step=state["importance_step"],
+                    threshold=state["threshold"], threshold_known=state["threshold_for"] == key,
+                    anchor=state.get("anchor"), anchor_param=state.get("anchor_param"), user_mask=state.get("user_mask"),
+                ))
+                continue
             tensors.append(
                 TensorState(
                     param=_real(local(param)), grad=_real(local(param.grad)),

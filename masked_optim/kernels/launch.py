@@ -136,7 +136,6 @@ def step_group(
             f"backend='triton' cannot run on {device} under TRITON_INTERPRET=1: the interpreter copies "
             "kernel arguments to the host, but the kernels reach the tensors through device addresses"
         )
-    _check_device(tensors, device, grad_scale, found_inf)
     block = _BLOCK.get(device.type, _BLOCK["cuda"])
     options = _compile_options(device)
     gated = hyper.density < 1.0
@@ -150,10 +149,19 @@ def step_group(
     unit_first = [members[0] for members in unit_members]
     unit_known = [all(tensors[i].threshold_known for i in members) for members in unit_members]
 
-    inputs = [tables.flat_inputs(t) for t in tensors]
-    keys = [tables.bucket_key(t, grad, mask, scored[i]) for i, (t, (grad, mask)) in enumerate(zip(tensors, inputs))]
-    counters, host_counters = _counters(tensors, device, found_inf)
-    group = tables.group_tables(tensors, inputs, counters, keys, unit_of, unit_first, unit_known, block, device)
+    signature = tables.signature(tensors, scored, unit_of, unit_known, block, device)
+    group, host_counters = tables.checked_group(signature), False
+    if group is None:  # something changed since a step with these tensors: check it all again
+        _check_device(tensors, device, grad_scale, found_inf)
+        inputs = [tables.flat_inputs(t) for t in tensors]
+        keys = [tables.bucket_key(t, grad, mask, scored[i]) for i, (t, (grad, mask)) in enumerate(zip(tensors, inputs))]
+        counters, host_counters = _counters(tensors, device, found_inf)
+        group = tables.group_tables(tensors, inputs, counters, keys, unit_of, unit_first, unit_known, block, device)
+        copied = any(grad is not t.grad or mask is not t.user_mask for t, (grad, mask) in zip(tensors, inputs))
+        if not (copied or host_counters):  # tables that point at temporaries are never reused
+            tables.remember_checked(signature, group)
+    elif grad_scale is not None and grad_scale.device != device or found_inf is not None and found_inf.device != device:
+        _check_device(tensors, device, grad_scale, found_inf)
     hyper_table = _hyper_table(hyper, device)
     counts = group.fresh_counts.clone()
     stats_counts, stats_thresholds = stats.stats_buffers(tensors[0].threshold, group.unit_count)
