@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from masked_optim import backends, consolidation, functional
 from masked_optim import threshold as thr
-from masked_optim.distributed import is_dtensor, local, shard_groups
+from masked_optim.distributed import all_reduce_sum, is_dtensor, local, shard_groups
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.options import DEFAULTS, validate_group, validate_param
 from masked_optim.reference import math_dtype
@@ -380,13 +380,15 @@ class MaskedAdamW(Optimizer):
         state["threshold"].fill_(thr.UNKNOWN)  # the unit's population changed
         state["threshold_for"] = -_threshold_key(group)
 
-    def mask_stats(self) -> list[dict[str, Any]]:
+    def mask_stats(self, global_counts: bool = False) -> list[dict[str, Any]]:
         """Per param group, what the last step did (synchronises with the device).
 
         Keys: ``target_density``, ``realised_density`` (gated-on fraction), ``threshold`` (one
         score threshold per unit that had one), ``elements``, ``updated``, ``frozen`` (gated off)
         and ``nonfinite_skipped``. Groups that have not stepped yet report None. Under FSDP2 the
-        counts are this rank's shards (thresholds are global: histograms are all-reduced).
+        counts are this rank's shards (thresholds are global: histograms are all-reduced);
+        ``global_counts=True`` sums them over the shards — a collective, so every rank must
+        call it then.
         """
         report: list[dict[str, Any]] = []
         for index, group in enumerate(self.param_groups):
@@ -394,7 +396,10 @@ class MaskedAdamW(Optimizer):
             if stats is None:
                 report.append(None)
                 continue
-            elements, updated, frozen, skipped = (int(x.item()) for x in (stats.elements, stats.updated, stats.frozen, stats.skipped))
+            counts = torch.stack([stats.elements, stats.updated, stats.frozen, stats.skipped]).to(torch.int64)
+            if global_counts and group["params"]:
+                counts = all_reduce_sum(counts.clone(), shard_groups(group["params"][0]))
+            elements, updated, frozen, skipped = counts.tolist()
             report.append(dict(
                 target_density=float(group["density"]),
                 realised_density=(elements - frozen) / elements if elements else 1.0,

@@ -113,6 +113,10 @@ def scenario_fsdp2_triton(rank: int, world: int) -> None:
     fully_shard(model)
     opt = MaskedAdamW(model.parameters(), **OPTIONS, scope="group", backend="triton")
     train(model, opt, data, consolidate_at=2)
+    local_stats, global_stats, expected = opt.mask_stats()[0], opt.mask_stats(global_counts=True)[0], single_opt.mask_stats()[0]
+    assert local_stats["elements"] == sum(p.to_local().numel() for p in model.parameters())
+    for key in ("elements", "updated", "frozen", "nonfinite_skipped", "threshold"):
+        assert global_stats[key] == expected[key], (key, global_stats[key], expected[key])
     for p, q in zip(model.parameters(), single.parameters()):
         assert_close(p.full_tensor(), q.detach(), "FSDP2 triton param vs single-process reference")
         assert int(opt.state[p]["threshold"]) == int(single_opt.state[q]["threshold"])
