@@ -61,3 +61,20 @@ def test_pipeline_writes_json(tmp_path):
         assert r["relative_forgetting"] == pytest.approx(
             (r["heldout_loss_after"] - data["heldout_loss_before"]) / data["heldout_loss_before"])
     assert res["heldout_split"] == "val"
+
+
+def test_seed_summary_ratios_are_per_run():
+    """lm_summary divides each run's figures by AdamW's in the same run, then averages."""
+    from masked_optim.demo.lm_summary import summarise, table
+
+    def run(seed, adamw, other):
+        return {"config": {"seed": seed}, "methods": {
+            "adamw": {"relative_forgetting": adamw[0], "recall": adamw[1]},
+            "masked": {"relative_forgetting": other[0], "recall": other[1]},
+        }}
+
+    summary = summarise([run(0, (1.0, 1.0), (0.5, 0.9)), run(1, (2.0, 0.5), (0.5, 0.5))])
+    masked = summary["methods"]["masked"]
+    assert summary["seeds"] == [0, 1]
+    assert masked["forgetting_vs_adamw"] == [0.5, 0.25] and masked["recall_vs_adamw"] == [0.9, 1.0]
+    assert "| masked | 50.0% ± 0.0 | 0.38 (0.25–0.50) | 0.700 ± 0.283 | 0.95 |" in table(summary)
