@@ -6,12 +6,14 @@ Run by ``tests/test_triton_aot.py`` in a fresh process: under ``TRITON_INTERPRET
 suite's setting) ``@triton.jit`` builds interpreter objects instead. Prints one line per
 compiled variant and exits non-zero on the first failure. The argument types mirror
 ``kernels/launch.py``: the grad-scale and found-inf slots get the float64 hyper table when no
-GradScaler is active.
+GradScaler is active. The ALIGNED variants of the step kernel must use vector (64/128-bit)
+global loads or stores in their full-block path: the PTX is checked for them.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -53,15 +55,21 @@ def main() -> int:
         math = tl.float64 if param == tl.float64 else tl.float32
         common = dict(PARAM_DTYPE=param, GRAD_DTYPE=param, MATH_DTYPE=math, IMPORTANCE_DTYPE=importance, ANCHOR_DTYPE=importance)
         flags = dict(HAS_ANCHOR=anchor, HAS_USER_MASK=anchor, HAS_GRAD_SCALE=scaled, HAS_FOUND_INF=scaled)
-        compile_kernel(_masked_adamw_kernel, dict(
-            tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",
-            **scale_slots(scaled), prepass_threshold_pointer="*i64", histogram_pointer="*i32", counts_pointer="*i64",
-        ), dict(
-            **common, ANCHOR_PARAM_DTYPE=param, **flags, HAS_ANCHOR_PARAM=anchor, GATED=gated, HISTOGRAM=gated,
-            PREPASS_RAN=gated, EMULATE_FMA=False, BLOCK=block,
-        ))
-        count += 1
-        print(f"step kernel {param} importance {importance} gated={gated} anchor={anchor} scaled={scaled}: ok", flush=True)
+        for aligned in (True, False):
+            compiled = compile_kernel(_masked_adamw_kernel, dict(
+                tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",
+                **scale_slots(scaled), prepass_threshold_pointer="*i64", histogram_pointer="*i32", counts_pointer="*i64",
+            ), dict(
+                **common, ANCHOR_PARAM_DTYPE=param, **flags, HAS_ANCHOR_PARAM=anchor, GATED=gated, HISTOGRAM=gated,
+                PREPASS_RAN=gated, EMULATE_FMA=False, ALIGNED=aligned, BLOCK=block,
+            ))
+            count += 1
+            wide = len(re.findall(r"\b(?:ld|st)\.global(?:\.\w+)*\.v[24]\.", compiled.asm["ptx"]))
+            if aligned and not wide:
+                print(f"step kernel {param}: aligned variant has no 128-bit accesses", file=sys.stderr)
+                return 1
+            print(f"step kernel {param} importance {importance} gated={gated} anchor={anchor} scaled={scaled} "
+                  f"aligned={aligned}: ok, {wide} vector accesses", flush=True)
         if gated:
             compile_kernel(_score_histogram_kernel, dict(
                 tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",

@@ -206,7 +206,7 @@ def step_group(
             HAS_ANCHOR=key.anchor is not None, HAS_ANCHOR_PARAM=key.anchor_param is not None,
             HAS_USER_MASK=key.user_mask, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, GATED=key.gated, HISTOGRAM=key.gated and not protect,
-            PREPASS_RAN=prepass, EMULATE_FMA=device.type == "cpu", BLOCK=block, **options,
+            PREPASS_RAN=prepass, EMULATE_FMA=device.type == "cpu", ALIGNED=key.aligned, BLOCK=block, **options,
         )
 
     next_thresholds = None

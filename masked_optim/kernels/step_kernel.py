@@ -61,10 +61,30 @@ def _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOU
 
 
 @triton.jit
+def _pointer(row, field, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The data pointer in column ``field`` of a tensor-table row; with ALIGNED the host has
+    checked that every address of the row is a multiple of 16 bytes, which lets full blocks
+    use 128-bit loads and stores."""
+    pointer = tl.load(row + field).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _load(pointer, offsets, mask, FULL: tl.constexpr):
+    """Elements ``offsets`` of a tensor: every one in a full block, else those under ``mask``."""
+    if FULL:
+        return tl.load(pointer + offsets)
+    return tl.load(pointer + offsets, mask=mask, other=0)
+
+
+@triton.jit
 def _unscaled_grad(row, offsets, mask, hyper_pointer, grad_scale_pointer,
-                   GRAD_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+                   GRAD_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                   FULL: tl.constexpr = False, ALIGNED: tl.constexpr = False):
     """reference.unscaled_grad and live_elements: g in math dtype, and which elements are live."""
-    g = tl.load(tl.load(row + _GRAD).to(tl.pointer_type(GRAD_DTYPE)) + offsets, mask=mask, other=0).to(MATH_DTYPE)
+    g = _load(_pointer(row, _GRAD, GRAD_DTYPE, ALIGNED), offsets, mask, FULL).to(MATH_DTYPE)
     if HAS_GRAD_SCALE:
         inverse_scale = (1.0 / tl.load(grad_scale_pointer).to(tl.float64)).to(tl.float32)
         g = g * inverse_scale.to(MATH_DTYPE)
@@ -74,11 +94,12 @@ def _unscaled_grad(row, offsets, mask, hyper_pointer, grad_scale_pointer,
 
 
 @triton.jit
-def _new_importance(row, offsets, mask, g, theta, live, hyper_pointer, IMPORTANCE_DTYPE: tl.constexpr):
+def _new_importance(row, offsets, mask, g, theta, live, hyper_pointer, IMPORTANCE_DTYPE: tl.constexpr,
+                    FULL: tl.constexpr = False, ALIGNED: tl.constexpr = False):
     """reference.update_importance: s <- beta*s + (1-beta)*x on live elements, as stored."""
     kind = tl.load(hyper_pointer + layout.IMPORTANCE_KIND)
     signal = tl.where(kind == 0, g * g, tl.where(kind == 1, tl.abs(g * theta), tl.abs(g))).to(tl.float32)
-    old = tl.load(tl.load(row + _IMPORTANCE).to(tl.pointer_type(IMPORTANCE_DTYPE)) + offsets, mask=mask, other=0).to(tl.float32)
+    old = _load(_pointer(row, _IMPORTANCE, IMPORTANCE_DTYPE, ALIGNED), offsets, mask, FULL).to(tl.float32)
     beta = tl.load(hyper_pointer + layout.IMPORTANCE_BETA).to(tl.float32)
     one_minus_beta = tl.load(hyper_pointer + layout.ONE_MINUS_IMPORTANCE_BETA).to(tl.float32)
     new = old * beta + signal * one_minus_beta
@@ -175,7 +196,8 @@ def _masked_adamw_kernel(
     IMPORTANCE_DTYPE: tl.constexpr, ANCHOR_DTYPE: tl.constexpr, ANCHOR_PARAM_DTYPE: tl.constexpr,
     HAS_ANCHOR: tl.constexpr, HAS_ANCHOR_PARAM: tl.constexpr, HAS_USER_MASK: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, GATED: tl.constexpr,
-    HISTOGRAM: tl.constexpr, PREPASS_RAN: tl.constexpr, EMULATE_FMA: tl.constexpr, BLOCK: tl.constexpr,
+    HISTOGRAM: tl.constexpr, PREPASS_RAN: tl.constexpr, EMULATE_FMA: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One MaskedAdamW step (SPEC steps 1-6) of every element of a bucket, in one memory pass.
 
@@ -187,6 +209,12 @@ def _masked_adamw_kernel(
     c = 1/(1 + lambda*a). Gated-off and non-live elements keep param and moments bit-identical
     (they are not written). Bias corrections come from the tensor's step counters (read here,
     incremented afterwards by ``_finish_step_kernel``), as in torch AdamW.
+
+    A *full* block (all BLOCK elements inside the tensor, step not skipped by found_inf) reads
+    every input without masks and writes param and moments back in full, the kept elements
+    with their own unchanged bits; with ALIGNED (every address of the bucket's rows a multiple
+    of 16 bytes) these are 128-bit accesses. A tensor's last, partial block uses masks and
+    writes only the moving elements.
 
     Args (pointers; T tensors in the group, U gated units):
         tensor_table_pointer: int64 [T, layout.TENSOR_FIELDS], read only.
@@ -203,7 +231,8 @@ def _masked_adamw_kernel(
         counts_pointer: int64 [layout.COUNT_FIELDS]; updated / frozen / non-finite-skipped
             element counts are added atomically.
         Through each table row, flat [numel] in the param's element order:
-            param (PARAM_DTYPE): read; written where the element moves.
+            param (PARAM_DTYPE): read; written where the element moves (full blocks: all,
+                kept elements with their old bits, as for the moments).
             grad (GRAD_DTYPE): read.
             exp_avg, exp_avg_sq (MATH_DTYPE: fp32, or fp64 for fp64 params): read; written
                 where the element moves.
@@ -214,24 +243,60 @@ def _masked_adamw_kernel(
             step, importance_step (float32 0-dim): read only.
     """
     row, offsets, mask = _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF, BLOCK)
+    numel = tl.load(row + _NUMEL)
+    full = tl.max(offsets) < numel
+    if HAS_FOUND_INF:
+        full = tl.where(tl.load(found_inf_pointer) == 0, full, False)
+    if full:
+        _step_elements(
+            row, offsets, mask, unit_table_pointer, hyper_pointer, grad_scale_pointer, prepass_threshold_pointer,
+            histogram_pointer, counts_pointer, PARAM_DTYPE, GRAD_DTYPE, MATH_DTYPE, IMPORTANCE_DTYPE, ANCHOR_DTYPE,
+            ANCHOR_PARAM_DTYPE, HAS_ANCHOR, HAS_ANCHOR_PARAM, HAS_USER_MASK, HAS_GRAD_SCALE, GATED, HISTOGRAM,
+            PREPASS_RAN, EMULATE_FMA, ALIGNED, BLOCK, True,
+        )
+    else:
+        _step_elements(
+            row, offsets, mask, unit_table_pointer, hyper_pointer, grad_scale_pointer, prepass_threshold_pointer,
+            histogram_pointer, counts_pointer, PARAM_DTYPE, GRAD_DTYPE, MATH_DTYPE, IMPORTANCE_DTYPE, ANCHOR_DTYPE,
+            ANCHOR_PARAM_DTYPE, HAS_ANCHOR, HAS_ANCHOR_PARAM, HAS_USER_MASK, HAS_GRAD_SCALE, GATED, HISTOGRAM,
+            PREPASS_RAN, EMULATE_FMA, ALIGNED, BLOCK, False,
+        )
+
+
+@triton.jit
+def _step_elements(
+    row, offsets, mask, unit_table_pointer, hyper_pointer, grad_scale_pointer, prepass_threshold_pointer,
+    histogram_pointer, counts_pointer,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
+    IMPORTANCE_DTYPE: tl.constexpr, ANCHOR_DTYPE: tl.constexpr, ANCHOR_PARAM_DTYPE: tl.constexpr,
+    HAS_ANCHOR: tl.constexpr, HAS_ANCHOR_PARAM: tl.constexpr, HAS_USER_MASK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, GATED: tl.constexpr, HISTOGRAM: tl.constexpr, PREPASS_RAN: tl.constexpr,
+    EMULATE_FMA: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
+):
+    """The body of ``_masked_adamw_kernel`` for one block: FULL (no masks on memory) or not."""
     lr = tl.load(hyper_pointer + layout.LR)
     weight_decay = tl.load(hyper_pointer + layout.WEIGHT_DECAY)
     step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32))).to(tl.float64) + 1.0
     bias_correction1 = 1.0 - arith.power(tl.load(hyper_pointer + layout.BETA1), step)
     bias_correction2_sqrt = tl.sqrt(1.0 - arith.power(tl.load(hyper_pointer + layout.BETA2), step))
 
-    param_pointer = tl.load(row + _PARAM).to(tl.pointer_type(PARAM_DTYPE))
-    theta = tl.load(param_pointer + offsets, mask=mask, other=0).to(MATH_DTYPE)
-    g, live = _unscaled_grad(row, offsets, mask, hyper_pointer, grad_scale_pointer, GRAD_DTYPE, MATH_DTYPE, HAS_GRAD_SCALE)
-    importance = _new_importance(row, offsets, mask, g, theta, live, hyper_pointer, IMPORTANCE_DTYPE)
-    tl.store(tl.load(row + _IMPORTANCE).to(tl.pointer_type(IMPORTANCE_DTYPE)) + offsets, importance, mask=mask)
+    param_pointer = _pointer(row, _PARAM, PARAM_DTYPE, ALIGNED)
+    stored_theta = _load(param_pointer, offsets, mask, FULL)
+    theta = stored_theta.to(MATH_DTYPE)
+    g, live = _unscaled_grad(row, offsets, mask, hyper_pointer, grad_scale_pointer, GRAD_DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, FULL, ALIGNED)
+    importance = _new_importance(row, offsets, mask, g, theta, live, hyper_pointer, IMPORTANCE_DTYPE, FULL, ALIGNED)
+    importance_pointer = _pointer(row, _IMPORTANCE, IMPORTANCE_DTYPE, ALIGNED)
+    if FULL:
+        tl.store(importance_pointer + offsets, importance)
+    else:
+        tl.store(importance_pointer + offsets, importance, mask=mask)
 
     anchor = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_ANCHOR:
-        anchor = tl.load(tl.load(row + _ANCHOR).to(tl.pointer_type(ANCHOR_DTYPE)) + offsets, mask=mask, other=0).to(tl.float32)
+        anchor = _load(_pointer(row, _ANCHOR, ANCHOR_DTYPE, ALIGNED), offsets, mask, FULL).to(tl.float32)
     allowed = mask
     if HAS_USER_MASK:
-        allowed = mask & (tl.load(tl.load(row + _USER_MASK).to(tl.pointer_type(tl.int8)) + offsets, mask=mask, other=0) != 0)
+        allowed = mask & (_load(_pointer(row, _USER_MASK, tl.int8, ALIGNED), offsets, mask, FULL) != 0)
     gate = allowed
     if GATED:
         protect = tl.load(hyper_pointer + layout.PROTECT) != 0
@@ -252,15 +317,25 @@ def _masked_adamw_kernel(
     if HAS_ANCHOR_PARAM:
         anchor_decay = tl.load(hyper_pointer + layout.ANCHOR_DECAY)
         restoring = tl.where(anchor_decay != 0, moving, False)
-        theta_star = tl.load(tl.load(row + _ANCHOR_PARAM).to(tl.pointer_type(ANCHOR_PARAM_DTYPE)) + offsets, mask=restoring, other=0).to(MATH_DTYPE)
+        anchor_param_pointer = _pointer(row, _ANCHOR_PARAM, ANCHOR_PARAM_DTYPE, ALIGNED)
+        if FULL:
+            theta_star = tl.load(anchor_param_pointer + offsets).to(MATH_DTYPE)
+        else:
+            theta_star = tl.load(anchor_param_pointer + offsets, mask=restoring, other=0).to(MATH_DTYPE)
         pull = tl.minimum(anchor.to(MATH_DTYPE) * (lr * anchor_decay).to(MATH_DTYPE), 1.0)
         pulled = tl.where(anchor_decay != 0, arith.lerp(theta, theta_star, pull, MATH_DTYPE, EMULATE_FMA), theta)
 
     # SPEC step 5b: AdamW (reference.adamw_update, torch's single-tensor arithmetic)
-    exp_avg_pointer = tl.load(row + _EXP_AVG).to(tl.pointer_type(MATH_DTYPE))
-    exp_avg_sq_pointer = tl.load(row + _EXP_AVG_SQ).to(tl.pointer_type(MATH_DTYPE))
-    exp_avg = tl.load(exp_avg_pointer + offsets, mask=moving, other=0)
-    exp_avg_sq = tl.load(exp_avg_sq_pointer + offsets, mask=moving, other=0)
+    exp_avg_pointer = _pointer(row, _EXP_AVG, MATH_DTYPE, ALIGNED)
+    exp_avg_sq_pointer = _pointer(row, _EXP_AVG_SQ, MATH_DTYPE, ALIGNED)
+    if FULL:
+        old_exp_avg = tl.load(exp_avg_pointer + offsets)
+        old_exp_avg_sq = tl.load(exp_avg_sq_pointer + offsets)
+    else:
+        old_exp_avg = tl.load(exp_avg_pointer + offsets, mask=moving, other=0)
+        old_exp_avg_sq = tl.load(exp_avg_sq_pointer + offsets, mask=moving, other=0)
+    exp_avg = old_exp_avg
+    exp_avg_sq = old_exp_avg_sq
     one_minus_beta1 = tl.load(hyper_pointer + layout.ONE_MINUS_BETA1).to(MATH_DTYPE)
     exp_avg = arith.lerp(exp_avg, g, one_minus_beta1, MATH_DTYPE, EMULATE_FMA)
     beta2 = tl.load(hyper_pointer + layout.BETA2).to(MATH_DTYPE)
@@ -281,9 +356,14 @@ def _masked_adamw_kernel(
         scaled = scaled - arith.divide(step_size * exp_avg, denom, MATH_DTYPE)
         new_theta = tl.where(protect_strength != 0, scaled, new_theta)
 
-    tl.store(param_pointer + offsets, arith.round_for_store(new_theta, PARAM_DTYPE), mask=moving)
-    tl.store(exp_avg_pointer + offsets, exp_avg, mask=moving)
-    tl.store(exp_avg_sq_pointer + offsets, exp_avg_sq, mask=moving)
+    if FULL:  # kept elements are written back with their own bits
+        tl.store(param_pointer + offsets, tl.where(moving, arith.round_for_store(new_theta, PARAM_DTYPE), stored_theta))
+        tl.store(exp_avg_pointer + offsets, tl.where(moving, exp_avg, old_exp_avg))
+        tl.store(exp_avg_sq_pointer + offsets, tl.where(moving, exp_avg_sq, old_exp_avg_sq))
+    else:
+        tl.store(param_pointer + offsets, arith.round_for_store(new_theta, PARAM_DTYPE), mask=moving)
+        tl.store(exp_avg_pointer + offsets, exp_avg, mask=moving)
+        tl.store(exp_avg_sq_pointer + offsets, exp_avg_sq, mask=moving)
     tl.atomic_add(counts_pointer + _UPDATED, tl.sum(moving.to(tl.int64)), sem="relaxed")
     tl.atomic_add(counts_pointer + _FROZEN, tl.sum((mask & (gate == 0)).to(tl.int64)), sem="relaxed")
     tl.atomic_add(counts_pointer + _SKIPPED, tl.sum((mask & (live == 0)).to(tl.int64)), sem="relaxed")

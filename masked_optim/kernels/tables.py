@@ -41,6 +41,8 @@ class BucketKey:
     anchor_param: Optional[torch.dtype]
     user_mask: bool
     gated: bool
+    #: every address of the tensor's row is a multiple of 16 bytes (128-bit accesses)
+    aligned: bool = False
 
     @property
     def math(self) -> torch.dtype:
@@ -171,6 +173,9 @@ def bucket_key(t: TensorState, grad: Tensor, user_mask: Optional[Tensor], gated:
         anchor=None if t.anchor is None else t.anchor.dtype,
         anchor_param=None if t.anchor_param is None else t.anchor_param.dtype,
         user_mask=user_mask is not None, gated=gated,
+        aligned=all(tensor is None or tensor.data_ptr() % 16 == 0 for tensor in (
+            t.param, grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, user_mask,
+        )),
     )
 
 
