@@ -238,3 +238,18 @@ def test_cached_tables_follow_grad_layout_and_mask_changes():
             torch.testing.assert_close(optimizer.state[ours][key], reference.state[ref][key], **TOLERANCES[torch.float32])
         torch.testing.assert_close(ours.detach(), ref.detach(), **TOLERANCES[torch.float32], msg=lambda m: f"step {step}: {m}")
         assert optimizer.mask_stats() == reference.mask_stats(), step
+
+
+def test_step_bumps_param_versions_like_torch_optim():
+    """The kernel writes params through raw addresses; the step still bumps their version
+    counters, so backward through a graph that saved a param before the step raises, as it does
+    after torch.optim.AdamW's in-place update."""
+    param = torch.nn.Parameter(torch.randn(100))
+    x = torch.randn(100, requires_grad=True)
+    loss = (param * x).sum()  # saves param for x's gradient
+    param.grad = torch.randn(100)
+    before = param._version
+    MaskedAdamW([param], backend="triton").step()
+    assert param._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
