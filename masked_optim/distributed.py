@@ -8,20 +8,23 @@ tensor is sharded across, so every rank derives the single-process values.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 
-@functools.cache
+_DTENSOR: list = []  # [DTensor class or None], filled on first use (a plain global: Dynamo traces it)
+
+
 def _dtensor_type() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def is_dtensor(tensor: Optional[Tensor]) -> bool:
