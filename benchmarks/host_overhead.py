@@ -1,6 +1,6 @@
 """Host-side (Python) time of one ``backend="triton"`` step, the kernels replaced by no-ops.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--density D] [--steps N]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--density D] [--steps N] [--compiled]
 
 On GPT-2 small's 148 parameter tensors this is what the step costs the CPU before the GPU does
 any work: optimizer bookkeeping, the launcher's tables and the ``torch.library`` op's dispatch.
@@ -33,19 +33,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--density", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--compiled", action="store_true", help="time torch.compile(opt.step, fullgraph=True), Tensor lr")
     args = parser.parse_args()
     launch._masked_adamw_kernel = launch._score_histogram_kernel = launch._finish_step_kernel = _NoKernel()
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in GPT2_SMALL_SHAPES]
     for p in params:
         p.grad = torch.zeros_like(p)
-    optimizer = MaskedAdamW(params, backend="triton", density=args.density)
+    lr = torch.tensor(1e-3) if args.compiled else 1e-3
+    optimizer = MaskedAdamW(params, lr=lr, backend="triton", density=args.density)
+    step = torch.compile(optimizer.step, fullgraph=True) if args.compiled else optimizer.step
     for _ in range(3):
-        optimizer.step()
+        step()
     begin = time.perf_counter()
     for _ in range(args.steps):
-        optimizer.step()
+        step()
     seconds = (time.perf_counter() - begin) / args.steps
-    print(f"torch {torch.__version__}: {len(params)} tensors, density {args.density}: {seconds * 1e3:.2f} ms host time per step")
+    how = "compiled" if args.compiled else "eager"
+    print(f"torch {torch.__version__}: {len(params)} tensors, density {args.density}, {how}: {seconds * 1e3:.2f} ms host time per step")
 
 
 if __name__ == "__main__":
