@@ -7,7 +7,7 @@ cached by their contents (which are addresses and sizes only), so a steady train
 builds them once and then only hashes the addresses; and a step whose ``signature`` (addresses,
 grad layouts, gating) matches an earlier checked step reuses its tables without repeating the
 per-tensor checks. (With the eager call that skips the op dispatcher, ``op.step_group``, the
-host-side cost of a step of GPT-2 small's 148 tensors went from ~11 ms to ~1.5-2 ms on a 2-core
+host-side cost of a step of GPT-2 small's 148 tensors went from ~11 ms to ~1.5-3.5 ms on a 2-core
 CPU: ``benchmarks/host_overhead.py``.)
 """
 from __future__ import annotations
