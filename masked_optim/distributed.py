@@ -48,6 +48,19 @@ def shard_groups(tensor: Tensor) -> tuple:
     return tuple(mesh.get_group(dim) for dim, placement in enumerate(tensor.placements) if isinstance(placement, Shard))
 
 
+def common_shard_groups(params: list[Tensor], group_index: int) -> tuple:
+    """The process groups every param of param group ``group_index`` is sharded over; a
+    ValueError if they differ (per-group counts of such a group cannot be summed)."""
+    groups = {shard_groups(p) for p in params}
+    if len(groups) > 1:
+        raise ValueError(
+            f"mask_stats(global_counts=True): param group {group_index} mixes params sharded over different "
+            f"process groups ({len(groups)} different placements, e.g. sharded and replicated); put them in "
+            "separate param groups"
+        )
+    return groups.pop() if groups else ()
+
+
 def all_reduce_sum(tensor: Tensor, groups: tuple) -> Tensor:
     """Sum ``tensor`` in place over every group in ``groups`` (no-op when there are none)."""
     if groups:

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from masked_optim import backends, consolidation, functional
 from masked_optim import threshold as thr
-from masked_optim.distributed import all_reduce_sum, is_dtensor, local, shard_groups
+from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.options import DEFAULTS, validate_group, validate_param
 from masked_optim.reference import math_dtype
@@ -388,17 +388,19 @@ class MaskedAdamW(Optimizer):
         and ``nonfinite_skipped``. Groups that have not stepped yet report None. Under FSDP2 the
         counts are this rank's shards (thresholds are global: histograms are all-reduced);
         ``global_counts=True`` sums them over the shards — a collective, so every rank must
-        call it then.
+        call it then; it needs every param of a group sharded over the same process groups
+        (counts are per group, so a group mixing sharded and replicated params cannot be summed).
         """
         report: list[dict[str, Any]] = []
+        count_groups = [common_shard_groups(g["params"], i) for i, g in enumerate(self.param_groups)] if global_counts else []
         for index, group in enumerate(self.param_groups):
             stats = self._last_stats[index] if index < len(self._last_stats) else None
             if stats is None:
                 report.append(None)
                 continue
             counts = torch.stack([stats.elements, stats.updated, stats.frozen, stats.skipped]).to(torch.int64)
-            if global_counts and group["params"]:
-                counts = all_reduce_sum(counts.clone(), shard_groups(group["params"][0]))
+            if global_counts:
+                counts = all_reduce_sum(counts, count_groups[index])
             elements, updated, frozen, skipped = counts.tolist()
             report.append(dict(
                 target_density=float(group["density"]),

@@ -117,6 +117,12 @@ def scenario_fsdp2_triton(rank: int, world: int) -> None:
     assert local_stats["elements"] == sum(p.to_local().numel() for p in model.parameters())
     for key in ("elements", "updated", "frozen", "nonfinite_skipped", "threshold"):
         assert global_stats[key] == expected[key], (key, global_stats[key], expected[key])
+    mixed = MaskedAdamW([*model.parameters(), torch.nn.Parameter(torch.zeros(3))], backend="torch")
+    try:  # sharded and plain params in one group: per-group counts cannot be summed
+        mixed.mask_stats(global_counts=True)
+        raise AssertionError("a group mixing placements was summed")
+    except ValueError as error:
+        assert "param group 0 mixes params sharded" in str(error), error
     for p, q in zip(model.parameters(), single.parameters()):
         assert_close(p.full_tensor(), q.detach(), "FSDP2 triton param vs single-process reference")
         assert int(opt.state[p]["threshold"]) == int(single_opt.state[q]["threshold"])

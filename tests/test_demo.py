@@ -63,3 +63,24 @@ def test_demo_end_to_end_writes_table_json_and_png(tmp_path, capsys):
 def test_unknown_method_is_refused(tmp_path, capsys):
     assert main(["--methods", "nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_tune_only_writes_the_sweep_and_runs_no_test_split(tmp_path, capsys, monkeypatch):
+    from masked_optim.demo import tuning
+
+    monkeypatch.setitem(tuning.GRIDS, "masked-anchor", [dict(anchor_decay=3.0), dict(anchor_decay=30.0)])
+    monkeypatch.setattr(tuning.tune, "__defaults__", ([100], None))  # one validation seed
+    rc = main(["--tune-only", "--epochs", "1", "--workers", "1", "--methods", "masked-anchor", "--out", str(tmp_path)])
+    assert rc == 0
+    sweep = json.loads((tmp_path / "tuning.json").read_text())
+    assert [r["method"] for r in sweep["rows"]] == ["adamw", "masked-anchor", "masked-anchor"]
+    assert sweep["chosen"]["masked-anchor"] in ({"anchor_decay": 3.0}, {"anchor_decay": 30.0})
+    assert not (tmp_path / "results.json").exists()
+    assert "tuning.md" in capsys.readouterr().out
+
+
+def test_full_runs_the_published_methods_only():
+    from masked_optim.demo.methods import FULL_METHODS, METHODS
+
+    assert "masked-protect-anchor+eps" in METHODS and "masked-protect-anchor+eps" not in FULL_METHODS
+    assert {"adamw", "ewc-adamw", "masked-anchor+eps"} <= set(FULL_METHODS)

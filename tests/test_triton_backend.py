@@ -253,3 +253,25 @@ def test_step_bumps_param_versions_like_torch_optim():
     assert param._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_reused_mask_memory_in_another_layout_is_not_mistaken_for_the_old_mask():
+    """A freed mask's memory is reused by the next mask of the same size: a transposed mask at
+    the same address must not step through the tables checked for the contiguous one."""
+    generator = torch.Generator().manual_seed(11)
+    param = torch.nn.Parameter(torch.randn(64, 1024, generator=generator))
+    optimizer = MaskedAdamW([param], backend="triton", lr=1e-2)
+    moved_frozen = []
+    for step in range(6):
+        mask = torch.rand(64, 1024, generator=generator) < 0.5
+        if step % 2:  # the same values, stored column-major
+            mask = mask.t().contiguous().t()
+        optimizer.set_mask(param, mask)
+        before = param.detach().clone()
+        param.grad = torch.randn(64, 1024, generator=generator)
+        optimizer.step()
+        moved = param.detach() != before
+        moved_frozen.append(int((moved & ~mask).sum()))
+        assert bool(moved[mask].all()), f"step {step}: an allowed element did not move"
+        optimizer.set_mask(param, None)
+    assert moved_frozen == [0] * 6, f"frozen elements that moved, per step: {moved_frozen}"

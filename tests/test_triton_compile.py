@@ -143,3 +143,17 @@ def _steps(runs, generator):
             twin.grad = param.grad.clone()
             compiled_step()
             ref.step()
+
+
+def test_step_under_fake_tensor_mode_goes_through_the_op():
+    """Tracing tools (FakeTensorMode, export, memory estimators) run the step on fake tensors:
+    the step must reach the op's fake implementation, not the launcher's raw addresses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        param = torch.nn.Parameter(torch.randn(64, 32))
+        optimizer = MaskedAdamW([param], backend="triton", lr=1e-2, density=0.5)
+        param.grad = torch.randn(64, 32)
+        optimizer.step()
+        state = optimizer.state[param]
+        assert state["exp_avg"].shape == (64, 32) and state["importance"].shape == (64, 32)

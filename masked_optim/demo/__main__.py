@@ -1,8 +1,9 @@
 """Continual learning on permuted digits: MaskedAdamW against AdamW, the grad-mask workaround and EWC.
 
     python -m masked_optim.demo                 # default: 3 seeds, 10 epochs/task, < 3 min on 2 cores
-    python -m masked_optim.demo --full          # the published table: 8 seeds, every method
+    python -m masked_optim.demo --full          # the published table: 8 seeds, every method in it
     python -m masked_optim.demo --tune          # redo the validation sweep first, then use its choice
+    python -m masked_optim.demo --tune-only --methods masked-anchor+eps   # the sweep alone, no test runs
     python -m masked_optim.demo --methods adamw,masked-anchor --seeds 1 --epochs 2
 
 Writes ``results.json``, ``results.md`` and ``cl_digits.png`` under ``--out`` (default runs/demo).
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from masked_optim.demo.harness import BATCH, run_many
-from masked_optim.demo.methods import DEFAULT_METHODS, LR, METHODS, Method
+from masked_optim.demo.methods import DEFAULT_METHODS, FULL_METHODS, LR, METHODS, Method
 from masked_optim.demo.metrics import cl_metrics, summarise
 
 # ----------------------------------------------------------------------------- configuration
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", help=f"comma-separated subset of: {','.join(METHODS)}")
     parser.add_argument("--full", action="store_true", help="every method, 8 seeds (the published table)")
     parser.add_argument("--tune", action="store_true", help="redo the validation sweep and use its choice")
+    parser.add_argument("--tune-only", action="store_true", help="the validation sweep alone (no test runs)")
     parser.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
     parser.add_argument("--out", default=OUT, help="output directory")
     return parser.parse_args(argv)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write JSON, markdown and PNG."""
     args = parse_args(argv)
     seeds = list(range(args.seeds or (FULL_SEEDS if args.full else SEEDS)))
-    names = args.methods.split(",") if args.methods else list(METHODS if args.full else DEFAULT_METHODS)
+    names = args.methods.split(",") if args.methods else list(FULL_METHODS if args.full else DEFAULT_METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         print(f"unknown method(s) {unknown}; choose from {list(METHODS)}", file=sys.stderr)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if args.tune:
+    if args.tune or args.tune_only:
         from masked_optim.demo.tuning import TUNE_SEEDS, tune, tuning_table
 
         chosen, rows = tune(methods, args.epochs, workers=args.workers)
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "tuning.md").write_text(f"Validation sweep, seeds {TUNE_SEEDS}, {args.epochs} epochs/task\n\n{table}\n")
         (out / "tuning.json").write_text(json.dumps(dict(chosen=chosen, rows=rows), indent=1))
         print(table, "\n")
+        if args.tune_only:
+            print(f"wrote {out / 'tuning.md'}, {out / 'tuning.json'}")
+            return 0
     results = run_many(methods, seeds, args.epochs, args.tasks, split="test", workers=args.workers)
     seconds = time.perf_counter() - start
     header = (f"Permuted digits, {args.tasks} tasks, MLP 64-256-256-10, {args.epochs} epochs/task, batch {BATCH}, "

@@ -27,6 +27,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "masked-anchor": [dict(anchor_decay=v) for v in (3.0, 10.0, 30.0)],
     "masked-anchor+eps": [dict(anchor_decay=v) for v in (1.0, 3.0, 10.0)],
     "ewc-adamw+eps": [dict(ewc_lambda=v) for v in (100.0, 300.0, 1000.0)],
+    "masked-protect-anchor+eps": [dict(density=d, anchor_decay=v) for d in (0.5, 0.7, 0.9) for v in (1.0, 3.0, 10.0)],
 }
 
 

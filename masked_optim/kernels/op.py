@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.kernels import layout
@@ -126,6 +127,16 @@ def _(params, grads, exp_avgs, exp_avg_sqs, importances, steps, importance_steps
     )
 
 
+def _direct_call_allowed(params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether the dispatcher has nothing to do: plain tensors, no mode to honour, no tracing."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(t) in _PLAIN for t in params) and all(type(t) in _PLAIN for t in grads)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def step_group(
     tensors: list[TensorState],
     hyper: GroupHyper,
@@ -133,7 +144,8 @@ def step_group(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> GroupStats:
-    """One group's Triton step: the registered op while ``torch.compile`` traces, else the op's
+    """One group's Triton step: the registered op while ``torch.compile`` traces, under a
+    dispatch or function mode (e.g. ``FakeTensorMode``) or for tensor subclasses, else the op's
     implementation called directly.
 
     Eagerly the dispatcher would only add its wrappers and bump the version counter of every
@@ -154,7 +166,7 @@ def step_group(
         _encode_groups(tensors), lr, scalars, hyper.mask, hyper.importance, hyper.scope, hyper.nonfinite,
         grad_scale, found_inf,
     )
-    if torch.compiler.is_compiling():
+    if not _direct_call_allowed(params, args[1]):
         counts, unit_thresholds = torch.ops.masked_optim.fused_step(*args)
     else:
         counts, unit_thresholds = _fused_step(*args)

@@ -4,8 +4,8 @@ A group's tensors become one int64 tensor table (addresses, sizes, units: ``layo
 int64 unit table (address of each gated unit's stored threshold) and, per bucket of equal
 dtypes and features, an int32 block table (the tensor-table row of every program). Tables are
 cached by their contents (which are addresses and sizes only), so a steady training loop
-builds them once and then only hashes the addresses; and a step whose ``signature`` (addresses,
-grad layouts, gating) matches an earlier checked step reuses its tables without repeating the
+builds them once and then only hashes the addresses; and a step whose ``signature`` (address,
+dtype, device, shape and strides of every tensor, and the gating) matches an earlier checked step reuses its tables without repeating the
 per-tensor checks. (With the eager call that skips the op dispatcher, ``op.step_group``, the
 host-side cost of a step of GPT-2 small's 148 tensors went from ~11 ms to ~1.5-3.5 ms on a 2-core
 CPU: ``benchmarks/host_overhead.py``.)
@@ -76,23 +76,29 @@ _cache: "OrderedDict[tuple, GroupTables]" = OrderedDict()
 _checked: "OrderedDict[tuple, GroupTables]" = OrderedDict()
 
 
-def signature(tensors: list[TensorState], scored: list[bool], unit_of: list[int], unit_known: list[bool], block: int, device: torch.device) -> tuple:
-    """What a group's checked tables depend on, cheap to compute every step: every tensor's
-    address, the grad's dtype and strides, the param's dtype and size, and the gating layout.
+def _layout(tensor: Optional[Tensor]) -> tuple:
+    """Everything about a tensor that the tables and the kernel variant depend on."""
+    if tensor is None:
+        return ()
+    return (tensor.data_ptr(), tensor.dtype, tensor.device, tensor.shape, tensor.stride())
 
-    Two steps with equal signatures step the same memory with the same layouts (state tensors
-    are created by the optimizer in the param's layout and dtype; a new tensor, e.g. after
-    ``load_state_dict``, has a new address), so the second may skip ``flat_inputs``' checks.
+
+def signature(tensors: list[TensorState], scored: list[bool], unit_of: list[int], unit_known: list[bool], block: int, device: torch.device) -> tuple:
+    """What a group's checked tables depend on, cheap to compute every step: the address,
+    dtype, device, shape and strides of every tensor the kernel reads or writes, and the gating
+    layout.
+
+    Two steps with equal signatures step the same memory with the same layouts, so the second
+    may skip ``flat_inputs``' checks. Addresses alone are not enough: a freed tensor's memory
+    is reused by the next allocation of the same size, e.g. a transposed ``set_mask`` mask
+    after a contiguous one.
     """
     parts: list = [device, block, tuple(unit_known)]
     for t, gated, unit in zip(tensors, scored, unit_of):
-        grad = t.grad
         parts.append((
-            t.param.data_ptr(), t.param.dtype, t.param.shape, t.param.stride(), grad.data_ptr(), grad.dtype, grad.stride(),
-            t.exp_avg.data_ptr(), t.exp_avg_sq.data_ptr(), t.importance.data_ptr(),
-            0 if t.anchor is None else t.anchor.data_ptr(), 0 if t.anchor_param is None else t.anchor_param.data_ptr(),
-            0 if t.user_mask is None else t.user_mask.data_ptr(), t.step.data_ptr(), t.importance_step.data_ptr(),
-            t.threshold.data_ptr(), gated, unit,
+            _layout(t.param), _layout(t.grad), _layout(t.exp_avg), _layout(t.exp_avg_sq), _layout(t.importance),
+            _layout(t.anchor), _layout(t.anchor_param), _layout(t.user_mask), _layout(t.step),
+            _layout(t.importance_step), _layout(t.threshold), gated, unit,
         ))
     return tuple(parts)
 
