@@ -22,13 +22,21 @@ GPT2_SMALL_SHAPES: list[tuple[int, ...]] = [(50257, 768), (1024, 768)] + [
 ] + [(768,), (768,)]
 
 
-def bytes_per_element(impl: str, param_dtype: torch.dtype, anchor: bool = False, pull: bool = False, importance_bytes: int = 4) -> int:
+#: ``gate_block`` of the ``masked_triton_blocks`` implementation (block gates)
+BENCH_GATE_BLOCK = 32
+
+
+def bytes_per_element(impl: str, param_dtype: torch.dtype, anchor: bool = False, pull: bool = False,
+                      importance_bytes: int = 4, density: float = 1.0) -> float:
     """Modelled bytes moved per parameter element and step (each input read, each output
-    written once), as in PERF.md's table."""
+    written once), as in PERF.md's table. With block gates (``masked_triton_blocks``) param and
+    moments are read and written only in gated-on blocks: a ``density`` fraction."""
     p = torch.finfo(param_dtype).bits // 8
     moments = 8  # fp32 m and v
     if impl.startswith("torch_adamw"):
         return 2 * p + p + 2 * moments  # read p g m v, write p m v (grads in param dtype)
+    if impl == "masked_triton_blocks":  # read g s (a), write s; p m v (theta*) both ways where on
+        return p + 2 * importance_bytes + (importance_bytes if anchor else 0) + density * (2 * p + 2 * moments + (p if pull else 0))
     read = p + p + moments + importance_bytes + (importance_bytes if anchor else 0) + (p if pull else 0)
     write = p + moments + importance_bytes
     return read + write
@@ -61,13 +69,16 @@ def make_params(case: Case, device: str) -> list[torch.Tensor]:
 
 def make_optimizer(impl: str, params: list[torch.Tensor], density: float) -> torch.optim.Optimizer:
     """impl: torch_adamw_fused | torch_adamw_foreach | masked_<backend> (torch, compile, triton)
-    | masked_triton_compiled (the triton backend, its step to be wrapped in torch.compile)."""
+    | masked_triton_compiled (the triton backend, its step to be wrapped in torch.compile)
+    | masked_triton_blocks (the triton backend with block gates of ``BENCH_GATE_BLOCK``)."""
     if impl == "torch_adamw_fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
     if impl == "torch_adamw_foreach":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
     if impl == "masked_triton_compiled":  # stepped through torch.compile: a Tensor lr, as advised
         return MaskedAdamW(params, lr=torch.tensor(1e-3, device=params[0].device), density=density, backend="triton")
+    if impl == "masked_triton_blocks":
+        return MaskedAdamW(params, lr=1e-3, density=density, backend="triton", gate_block=BENCH_GATE_BLOCK)
     backend = impl.removeprefix("masked_")
     return MaskedAdamW(params, lr=1e-3, density=density, backend=backend)
 

@@ -64,6 +64,8 @@ def implementations(device: str, case: Case, tiny: bool) -> list[str]:
         impls.append("masked_triton")
         if len(case.shapes) > 1 and case.dtype == torch.float32:  # many tensors: what tracing the host side saves
             impls.append("masked_triton_compiled")
+        if case.density < 1.0:  # block gates: fewer bytes than dense torch fused AdamW?
+            impls.append("masked_triton_blocks")
     if case.numel <= (1 << 26 if device != "cpu" else 1 << 24):  # the eager reference is many passes
         impls.append("masked_torch")
     return impls
@@ -75,10 +77,10 @@ def correctness(device: str, tiny: bool) -> dict:
     gen = torch.Generator().manual_seed(0)
     shapes = [(1,), (4097,), (123, 431), (0,), (1000, 100)] if not tiny else [(1,), (513,), (37, 11)]
     report = {}
-    for dtype, compiled in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+    for dtype, compiled, gate_block in ((torch.float32, False, 1), (torch.bfloat16, False, 1), (torch.float32, True, 1), (torch.float32, False, 32)):
         ours = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
         ref = [p.detach().clone().requires_grad_() for p in ours]
-        opts = dict(lr=1e-2, density=0.3, anchor_decay=5.0, protect_strength=1.0)
+        opts = dict(lr=1e-2, density=0.3, anchor_decay=5.0, protect_strength=1.0, gate_block=gate_block)
         if compiled:
             opts["lr"] = torch.tensor(1e-2, device=device)
         a, b = MaskedAdamW(ours, backend="triton", **opts), MaskedAdamW(ref, backend="torch", **{**opts, "lr": 1e-2})
@@ -101,7 +103,8 @@ def correctness(device: str, tiny: bool) -> dict:
             (float(((p.detach().float() - q.detach().float()).abs() / (q.detach().float().abs() + 1e-6)).max()) if p.numel() else 0.0)
             for p, q in zip(ours, ref)
         )
-        report[str(dtype) + (" torch.compile" if compiled else "")] = dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
+        name = str(dtype) + (" torch.compile" if compiled else "") + (f" gate_block={gate_block}" if gate_block > 1 else "")
+        report[name] = dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
     return report
 
 
@@ -123,7 +126,7 @@ def run_case(case: Case, device: str, repeats: int, tiny: bool) -> list[dict]:
     medians = interleaved_medians(fns, device, repeats)
     rows = []
     for impl, seconds in medians.items():
-        model = bytes_per_element(impl, case.dtype)
+        model = bytes_per_element(impl, case.dtype, density=case.density)
         rows.append(dict(
             case=case.name, dtype=str(case.dtype).removeprefix("torch."), density=case.density, numel=case.numel,
             tensors=len(case.shapes), impl=impl, seconds=seconds, bytes_per_element=model,

@@ -26,12 +26,13 @@ def triton_runs_on(device: torch.device) -> tuple[bool, str]:
 AUTO_COMPILE_MIN_NUMEL = 1 << 22
 
 
-def resolve(name: str, device: torch.device, numel: int = 0) -> str:
+def resolve(name: str, device: torch.device, numel: int = 0, gate_block: int = 1) -> str:
     """Map a group's ``backend`` option to the implementation that runs on ``device``.
 
     ``"auto"`` takes the Triton kernel on CUDA when it can run there; on the CPU it takes the
     ``compile`` backend for groups of at least ``AUTO_COMPILE_MIN_NUMEL`` elements when a C++
-    compiler is present (Inductor needs one), else the reference. ``"triton"`` raises
+    compiler is present (Inductor needs one) and the group has element gates (``gate_block``
+    1), else the reference. ``"triton"`` raises
     RuntimeError, naming the device, where Triton cannot run.
     """
     if name in ("torch", "compile"):
@@ -44,6 +45,6 @@ def resolve(name: str, device: torch.device, numel: int = 0) -> str:
     if runs and device.type == "cuda":
         return "triton"
     has_compiler = shutil.which("c++") is not None or shutil.which("g++") is not None
-    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and has_compiler:
+    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and has_compiler and gate_block == 1:
         return "compile"
     return "torch"

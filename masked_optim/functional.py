@@ -63,6 +63,8 @@ class GroupHyper:
     scope: str
     maximize: bool
     nonfinite: str
+    #: elements per gate block (1: every element has its own gate)
+    gate_block: int = 1
 
     @classmethod
     def from_group(cls, group: dict) -> "GroupHyper":
@@ -75,6 +77,7 @@ class GroupHyper:
             protect_strength=float(group["protect_strength"]),
             anchor_decay=float(group["anchor_decay"]), scope=group["scope"],
             maximize=bool(group["maximize"]), nonfinite=group["nonfinite"],
+            gate_block=int(group["gate_block"]),
         )
 
 

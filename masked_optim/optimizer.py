@@ -40,7 +40,8 @@ def _threshold_key(group: dict[str, Any]) -> float:
     whose ``found_inf`` the host does not read). Any other value: the options changed, so the
     next step resets the threshold to unknown.
     """
-    return float(group["density"]) + 2.0 * (group["mask"] == "protect") + 4.0 * (group["scope"] == "group")
+    return (float(group["density"]) + 2.0 * (group["mask"] == "protect") + 4.0 * (group["scope"] == "group")
+            + 8.0 * (int(group["gate_block"]) - 1))
 
 
 class MaskedAdamW(Optimizer):
@@ -69,6 +70,9 @@ class MaskedAdamW(Optimizer):
                 m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
                 theta -= lr*c/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
             else: theta, m, v stay bit-identical
+            (gate_block G > 1: k is shared by each run of G elements in memory order, from
+             the block's largest r (select) or a (protect); the block enters the histogram
+             weighted by its elements)
             r enters U's histogram, from which tau_U of the next step is derived
             (the first step after creation, consolidate() or a density change derives it
             from its own scores)
@@ -92,6 +96,11 @@ class MaskedAdamW(Optimizer):
             ``"propagate"`` (they flow through as in AdamW).
         backend: ``"auto"``, ``"torch"`` (the reference) or ``"triton"`` (fused kernel).
         importance_dtype: ``"float32"`` or ``"bfloat16"`` storage for importance and anchor.
+        gate_block: elements per gate (a power of two up to 1024; default 1, every element
+            its own gate). With G > 1 each run of G elements in memory order (per tensor, per
+            FSDP2 shard) moves or stays as one, scored by its largest score, so the Triton
+            kernel skips the param and moment traffic of whole gated-off blocks; ``density``
+            stays a fraction of elements. Not supported by ``backend="compile"``.
 
     Example::
 
@@ -122,13 +131,14 @@ class MaskedAdamW(Optimizer):
         nonfinite: str = "skip",
         backend: str = "auto",
         importance_dtype: str | torch.dtype = "float32",
+        gate_block: int = 1,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, mask=mask,
             importance=importance, importance_beta=importance_beta,
             protect_strength=protect_strength, anchor_decay=anchor_decay, scope=scope,
             maximize=maximize, nonfinite=nonfinite, backend=backend,
-            importance_dtype=_DTYPE_NAMES.get(importance_dtype, importance_dtype),
+            importance_dtype=_DTYPE_NAMES.get(importance_dtype, importance_dtype), gate_block=gate_block,
         )
         validate_group(defaults)
         self._last_stats: list[Optional[GroupStats]] = []
@@ -294,7 +304,7 @@ class MaskedAdamW(Optimizer):
             if not tensors:
                 stats.append(previous)
                 continue
-            backend = backends.resolve(group["backend"], params[0].device, sum(t.param.numel() for t in tensors))
+            backend = backends.resolve(group["backend"], params[0].device, sum(t.param.numel() for t in tensors), group["gate_block"])
             result = functional.masked_adamw(
                 tensors, GroupHyper.from_group(group), backend=backend,
                 grad_scale=grad_scale, found_inf=found_inf,

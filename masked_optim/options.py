@@ -32,7 +32,11 @@ DEFAULTS: dict[str, Any] = dict(
     nonfinite="skip",
     backend="auto",
     importance_dtype="float32",
+    gate_block=1,
 )
+
+#: largest ``gate_block``: it must divide the Triton kernel's block (1024 elements on CUDA)
+MAX_GATE_BLOCK = 1024
 
 
 def _number(name: str, value: Any, read_tensors: bool = True) -> float:
@@ -91,6 +95,13 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
     _choice("scope", group["scope"], SCOPES)
     _choice("backend", group["backend"], BACKENDS)
     _choice("importance_dtype", group["importance_dtype"], IMPORTANCE_DTYPES)
+    gate_block = group["gate_block"]
+    if isinstance(gate_block, bool) or not isinstance(gate_block, int) or not 1 <= gate_block <= MAX_GATE_BLOCK \
+            or gate_block & (gate_block - 1):
+        raise ValueError(f"Invalid gate_block: {gate_block!r} (must be a power of two in [1, {MAX_GATE_BLOCK}])")
+    if gate_block > 1 and group["backend"] == "compile":
+        raise ValueError(f"Invalid gate_block: {gate_block} (backend='compile' supports gate_block=1 only; "
+                         "use backend='torch', 'triton' or 'auto')")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool)")
 

@@ -8,7 +8,6 @@ Under a GradScaler, ``functional.masked_adamw`` reads ``found_inf`` on the host 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -109,6 +108,33 @@ def adamw_update(theta: Tensor, g: Tensor, t: TensorState, lr: float, scale: Opt
     return theta, m, v
 
 
+class GateBins:
+    """SPEC step 3's comparison and step 6's histogram for one tensor's scores: per element,
+    or per block of ``gate_block`` elements in memory order (``threshold.block_bins``: a block
+    is scored by its largest allowed bin and counted by its allowed elements)."""
+
+    def __init__(self, score: Tensor, t: TensorState, gate_block: int):
+        self.bins = thr.score_bins(score).reshape(score.shape)
+        self.t, self.gate_block, self._histogram = t, gate_block, None
+        if gate_block > 1:
+            self.block_bin, self.block_count = thr.block_bins(self.bins, t.user_mask, gate_block, t.param)
+
+    def histogram(self) -> Tensor:
+        """The histogram of this step's scores (built once)."""
+        if self._histogram is None:
+            if self.gate_block > 1:
+                self._histogram = thr.block_histogram(self.block_bin, self.block_count)
+            else:
+                self._histogram = thr.histogram_of_bins(self.bins, self.t.user_mask)
+        return self._histogram
+
+    def gate(self, threshold: Tensor, protect: bool) -> Tensor:
+        """Which elements the unit's threshold bin lets move (before the user mask)."""
+        if self.gate_block > 1:
+            return thr.expand_blocks(thr.gate(self.block_bin, threshold, protect), self.gate_block, self.t.param)
+        return thr.gate(self.bins, threshold, protect)
+
+
 def step_group(
     tensors: list[TensorState],
     hyper: GroupHyper,
@@ -134,16 +160,14 @@ def step_group(
         lives.append(live)
         scores.append(score)
 
-    histograms = [
-        None if score is None else functools.cache(lambda score=score, t=t: thr.histogram(score, where=t.user_mask))
-        for score, t in zip(scores, tensors)
-    ]
+    gate_bins = [None if score is None else GateBins(score, t, hyper.gate_block) for score, t in zip(scores, tensors)]
+    histograms = [None if bins is None else bins.histogram for bins in gate_bins]
     gates, unit_current = gate_thresholds(tensors, histograms, hyper)
     following_thresholds = next_thresholds(tensors, histograms, hyper)
     device = tensors[0].param.device if tensors else torch.device("cpu")
     stats = GroupStats(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(4)), thresholds=unit_current)
-    for t, g, live, score, current, following in zip(tensors, grads, lives, scores, gates, following_thresholds):
-        k = torch.ones_like(g, dtype=torch.bool) if current is None else thr.gate(thr.score_bins(score), current, protect)
+    for t, g, live, bins, current, following in zip(tensors, grads, lives, gate_bins, gates, following_thresholds):
+        k = torch.ones_like(g, dtype=torch.bool) if current is None else bins.gate(current, protect)
         if t.user_mask is not None:
             k = k & t.user_mask
         moving = k if live is None else k & live

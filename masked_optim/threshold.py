@@ -39,6 +39,46 @@ def histogram_of_bins(bins: Tensor, where: Optional[Tensor] = None) -> Tensor:
     return torch.bincount(bins.reshape(-1), minlength=NUM_BINS)
 
 
+def memory_order(like: Tensor) -> list[int]:
+    """The dimension order of a dense tensor from its largest stride to its smallest: permuted
+    so, the tensor's elements come in memory order (the order the kernel's blocks follow)."""
+    return sorted(range(like.dim()), key=lambda d: like.stride(d), reverse=True)
+
+
+def block_bins(bins: Tensor, allowed: Optional[Tensor], gate_block: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Block gates: the elements of ``like`` (a param, any dense layout) in memory order form
+    blocks of ``gate_block``; a block's bin is the largest bin among its allowed elements, and
+    the block counts as its number of allowed elements (so a unit's density stays a fraction
+    of elements). The last block of a tensor may be short. ``bins`` and ``allowed`` have
+    ``like``'s shape (any layout).
+
+    Returns (block bins int64 [blocks], allowed counts int64 [blocks]). The maximum is taken
+    over bins, not scores, so NaN scores (bins above +inf's) order alike in every backend.
+    """
+    order = memory_order(like)
+    flat = bins.reshape(like.shape).permute(order).reshape(-1).to(torch.int64)
+    mask = torch.ones_like(flat, dtype=torch.bool) if allowed is None else allowed.reshape(like.shape).permute(order).reshape(-1)
+    blocks = -(-flat.numel() // gate_block)
+    pad = blocks * gate_block - flat.numel()
+    padded_bins = torch.nn.functional.pad(torch.where(mask, flat, 0), (0, pad)).view(blocks, gate_block)
+    padded_mask = torch.nn.functional.pad(mask.to(torch.int64), (0, pad)).view(blocks, gate_block)
+    return padded_bins.amax(1) if blocks else flat.new_zeros(0), padded_mask.sum(1)
+
+
+def block_histogram(block_bin: Tensor, counts: Tensor) -> Tensor:
+    """int64 histogram of block bins, each block weighted by its allowed elements."""
+    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=block_bin.device)
+    return hist.index_add_(0, block_bin, counts)
+
+
+def expand_blocks(block_values: Tensor, gate_block: int, like: Tensor) -> Tensor:
+    """Per-block values repeated over each block's elements, with ``like``'s shape."""
+    order = memory_order(like)
+    flat = block_values.repeat_interleave(gate_block)[: like.numel()]
+    inverse = sorted(range(len(order)), key=lambda i: order[i])
+    return flat.reshape([like.shape[d] for d in order]).permute(inverse)
+
+
 def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
     """Threshold bin (0-dim int64 tensor) that brings a unit's realised density closest to target.
 

@@ -55,13 +55,14 @@ def main() -> int:
         math = tl.float64 if param == tl.float64 else tl.float32
         common = dict(PARAM_DTYPE=param, GRAD_DTYPE=param, MATH_DTYPE=math, IMPORTANCE_DTYPE=importance, ANCHOR_DTYPE=importance)
         flags = dict(HAS_ANCHOR=anchor, HAS_USER_MASK=anchor, HAS_GRAD_SCALE=scaled, HAS_FOUND_INF=scaled)
-        for aligned in (True, False):
+        # element gates, aligned or not; and (gated only) block gates of 32 elements
+        for aligned, gate_block in [(True, 1), (False, 1)] + ([(True, 32)] if gated else []):
             compiled = compile_kernel(_masked_adamw_kernel, dict(
                 tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",
                 **scale_slots(scaled), prepass_threshold_pointer="*i64", histogram_pointer="*i32", counts_pointer="*i64",
             ), dict(
                 **common, ANCHOR_PARAM_DTYPE=param, **flags, HAS_ANCHOR_PARAM=anchor, GATED=gated, HISTOGRAM=gated,
-                PREPASS_RAN=gated, EMULATE_FMA=False, ALIGNED=aligned, BLOCK=block,
+                PREPASS_RAN=gated, EMULATE_FMA=False, ALIGNED=aligned, GATE_BLOCK=gate_block, BLOCK=block,
             ))
             count += 1
             wide = len(re.findall(r"\b(?:ld|st)\.global(?:\.\w+)*\.v[24]\.", compiled.asm["ptx"]))
@@ -69,14 +70,15 @@ def main() -> int:
                 print(f"step kernel {param}: aligned variant has no 128-bit accesses", file=sys.stderr)
                 return 1
             print(f"step kernel {param} importance {importance} gated={gated} anchor={anchor} scaled={scaled} "
-                  f"aligned={aligned}: ok, {wide} vector accesses", flush=True)
-        if gated:
+                  f"aligned={aligned} gate_block={gate_block}: ok, {wide} vector accesses", flush=True)
+        for gate_block in (1, 32) if gated else ():
             compile_kernel(_score_histogram_kernel, dict(
                 tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",
                 **scale_slots(scaled), histogram_pointer="*i32",
-            ), dict(**common, **flags, BLOCK=block))
+            ), dict(**common, **flags, GATE_BLOCK=gate_block, BLOCK=block))
             count += 1
-            print(f"histogram kernel {param} importance {importance} anchor={anchor} scaled={scaled}: ok", flush=True)
+            print(f"histogram kernel {param} importance {importance} anchor={anchor} scaled={scaled} "
+                  f"gate_block={gate_block}: ok", flush=True)
     for scaled, has_next, keep_known in [(False, False, False), (True, True, False), (True, True, True)]:
         compile_kernel(_finish_step_kernel, dict(
             tensor_table_pointer="*i64", tensor_count="i32", unit_table_pointer="*i64", unit_count="i32",

@@ -28,6 +28,12 @@ BAD_OPTIONS = [
     (dict(anchor_decay=-2.0), ValueError, r"Invalid anchor_decay: -2\.0"),
     (dict(importance_dtype="float16"), ValueError, r"Invalid importance_dtype: 'float16'"),
     (dict(maximize="yes"), ValueError, r"Invalid maximize: 'yes'"),
+    (dict(gate_block=3), ValueError, r"Invalid gate_block: 3 \(must be a power of two in \[1, 1024\]\)"),
+    (dict(gate_block=0), ValueError, r"Invalid gate_block: 0"),
+    (dict(gate_block=2048), ValueError, r"Invalid gate_block: 2048"),
+    (dict(gate_block=16.0), ValueError, r"Invalid gate_block: 16\.0"),
+    (dict(gate_block=True), ValueError, r"Invalid gate_block: True"),
+    (dict(gate_block=16, backend="compile"), ValueError, r"Invalid gate_block: 16 \(backend='compile' supports gate_block=1 only"),
 ]
 
 

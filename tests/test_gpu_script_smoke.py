@@ -17,7 +17,8 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     for dtype, check in result["correctness"].items():
         assert check["gate_mismatches"] == 0 and check["max_relative_param_error"] < 1e-3, (dtype, check)
     impls = {row["impl"] for row in result["rows"]}
-    assert {"torch_adamw_fused", "masked_triton", "masked_triton_compiled", "masked_torch", "masked_compile"} <= impls
-    assert "torch.float32 torch.compile" in result["correctness"]
+    assert {"torch_adamw_fused", "masked_triton", "masked_triton_compiled", "masked_torch", "masked_compile",
+            "masked_triton_blocks"} <= impls
+    assert {"torch.float32 torch.compile", "torch.float32 gate_block=32"} <= set(result["correctness"])
     assert all(row["seconds"] > 0 and row["bytes_per_element"] > 0 for row in result["rows"])
     assert "copy bandwidth" in done.stdout and done.stdout.rstrip().endswith("results.json")

@@ -43,6 +43,14 @@ CONFIGS = {
         dict(lr=1e-2, density=0.5, importance="magnitude", nonfinite="skip", anchor_decay=1.0),
         dict(mask="protect", density=0.7), dict(anchor=True, nonfinite=True, scaler=True),
     ),
+    "select-gate-block-taylor-anchor-usermask": (
+        dict(lr=1e-2, density=0.3, gate_block=16, importance="taylor", anchor_decay=1.0, protect_strength=0.5),
+        dict(gate_block=4, density=0.6), dict(anchor=True, user_mask=True),
+    ),
+    "protect-gate-block-group-scope-nonfinite-scaler": (
+        dict(lr=1e-2, density=0.5, mask="protect", gate_block=64, scope="group", anchor_decay=2.0),
+        dict(mask="select", gate_block=1024, scope="tensor"), dict(anchor=True, nonfinite=True, scaler=True),
+    ),
     "protect-without-anchor-propagate": (
         dict(lr=1e-2, density=0.4, mask="protect", nonfinite="propagate"), dict(mask="select"), dict(),
     ),

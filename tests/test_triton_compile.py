@@ -105,7 +105,7 @@ def test_opcheck():
         [s["exp_avg_sq"] for s in states], [s["importance"] for s in states], [s["step"] for s in states],
         [s["importance_step"] for s in states], [s["threshold"] for s in states], [s["anchor"] for s in states],
         [s["anchor_param"] for s in states], [None] * len(params), [False] * len(params), "",
-        torch.tensor(1e-2), [0.0, 0.9, 0.999, 1e-8, 0.01, 0.5, 0.99, 0.0, 1.0, 0.0],
+        torch.tensor(1e-2), [0.0, 0.9, 0.999, 1e-8, 0.01, 0.5, 0.99, 0.0, 1.0, 0.0, 1.0],
         "select", "fisher", "tensor", "skip", None, None,
     )
     torch.library.opcheck(torch.ops.masked_optim.fused_step.default, copy.deepcopy(args))

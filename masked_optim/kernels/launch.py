@@ -186,7 +186,7 @@ def step_group(
                 ANCHOR_DTYPE=tables.TRITON_DTYPES[key.anchor or key.importance],
                 HAS_ANCHOR=key.anchor is not None, HAS_USER_MASK=key.user_mask,
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                BLOCK=block, **options,
+                GATE_BLOCK=hyper.gate_block, BLOCK=block, **options,
             )
         prepass_histogram = _reduce(prepass_histogram, unit_first, tensors)
         prepass_thresholds = thr.threshold_bin(prepass_histogram, hyper.density, protect)
@@ -206,7 +206,8 @@ def step_group(
             HAS_ANCHOR=key.anchor is not None, HAS_ANCHOR_PARAM=key.anchor_param is not None,
             HAS_USER_MASK=key.user_mask, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, GATED=key.gated, HISTOGRAM=key.gated and not protect,
-            PREPASS_RAN=prepass, EMULATE_FMA=device.type == "cpu", ALIGNED=key.aligned, BLOCK=block, **options,
+            PREPASS_RAN=prepass, EMULATE_FMA=device.type == "cpu", ALIGNED=key.aligned,
+            GATE_BLOCK=hyper.gate_block if key.gated else 1, BLOCK=block, **options,
         )
 
     next_thresholds = None

@@ -31,7 +31,7 @@ from masked_optim.kernels import layout
 
 _SCALARS = (
     "lr", "beta1", "beta2", "eps", "weight_decay", "density", "importance_beta",
-    "protect_strength", "anchor_decay", "maximize",
+    "protect_strength", "anchor_decay", "maximize", "gate_block",
 )
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "importances", "steps", "importance_steps", "thresholds")
 
@@ -65,7 +65,7 @@ def _hyper(lr: Optional[Tensor], scalars: list[float], mask: str, importance: st
         eps=values["eps"], weight_decay=values["weight_decay"], density=values["density"], mask=mask,
         importance=importance, importance_beta=values["importance_beta"],
         protect_strength=values["protect_strength"], anchor_decay=values["anchor_decay"],
-        scope=scope, maximize=bool(values["maximize"]), nonfinite=nonfinite,
+        scope=scope, maximize=bool(values["maximize"]), nonfinite=nonfinite, gate_block=int(values["gate_block"]),
     )
 
 
@@ -156,7 +156,7 @@ def step_group(
     lr = hyper.lr if isinstance(hyper.lr, Tensor) else None
     scalars = [0.0 if lr is not None else float(hyper.lr), hyper.beta1, hyper.beta2, hyper.eps,
                hyper.weight_decay, hyper.density, hyper.importance_beta, hyper.protect_strength,
-               hyper.anchor_decay, float(hyper.maximize)]
+               hyper.anchor_decay, float(hyper.maximize), float(hyper.gate_block)]
     params = [t.param for t in tensors]
     args = (
         params, [t.grad for t in tensors], [t.exp_avg for t in tensors],

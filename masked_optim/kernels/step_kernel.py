@@ -120,6 +120,21 @@ def _select_score(row, importance, anchor, hyper_pointer, HAS_ANCHOR: tl.constex
 
 
 @triton.jit
+def _block_bins(bins, allowed, BLOCK: tl.constexpr, GATE_BLOCK: tl.constexpr):
+    """threshold.block_bins within one program: each run of GATE_BLOCK elements' largest bin
+    among its allowed elements, and its number of allowed elements."""
+    grid = tl.reshape(tl.where(allowed, bins, 0), [BLOCK // GATE_BLOCK, GATE_BLOCK])
+    counts = tl.reshape(allowed.to(tl.int32), [BLOCK // GATE_BLOCK, GATE_BLOCK])
+    return tl.max(grid, axis=1), tl.sum(counts, axis=1)
+
+
+@triton.jit
+def _expand_blocks(values, BLOCK: tl.constexpr, GATE_BLOCK: tl.constexpr):
+    """Per-block values repeated over each block's GATE_BLOCK elements."""
+    return tl.reshape(tl.broadcast_to(values[:, None], [BLOCK // GATE_BLOCK, GATE_BLOCK]), [BLOCK])
+
+
+@triton.jit
 def _stored_threshold(row, unit_table_pointer):
     """The row's unit, its stored threshold bin (its first gated member's) and whether the host
     vouches that it is known (``functional.gate_thresholds``)."""
@@ -142,7 +157,7 @@ def _score_histogram_kernel(
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
     IMPORTANCE_DTYPE: tl.constexpr, ANCHOR_DTYPE: tl.constexpr,
     HAS_ANCHOR: tl.constexpr, HAS_USER_MASK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, GATE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pre-pass: histogram of this step's scores for units whose stored threshold is unknown.
 
@@ -162,7 +177,9 @@ def _score_histogram_kernel(
         hyper_pointer: float64 [layout.HYPER_FIELDS], read only.
         grad_scale_pointer: float32 [1], the GradScaler's scale (read when HAS_GRAD_SCALE).
         found_inf_pointer: float32 [1], nonzero: do nothing (read when HAS_FOUND_INF).
-        histogram_pointer: int32 [U, threshold.NUM_BINS], counts added atomically.
+        histogram_pointer: int32 [U, threshold.NUM_BINS], counts added atomically (with
+            GATE_BLOCK > 1 one entry per block of GATE_BLOCK elements, weighted by its allowed
+            elements, as ``threshold.block_bins``).
         Through the table: param (PARAM_DTYPE), grad (GRAD_DTYPE), importance
         (IMPORTANCE_DTYPE), anchor (ANCHOR_DTYPE), user mask (bool as int8), each [numel]; the
         importance step counter (float32 0-dim). Nothing is written but the histogram.
@@ -185,7 +202,11 @@ def _score_histogram_kernel(
     if HAS_USER_MASK:
         mask = mask & (tl.load(tl.load(row + _USER_MASK).to(tl.pointer_type(tl.int8)) + offsets, mask=mask, other=0) != 0)
     bins = arith.score_bin(score)
-    tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=mask, sem="relaxed")
+    if GATE_BLOCK > 1:
+        block_bin, weight = _block_bins(bins, mask, BLOCK, GATE_BLOCK)
+        tl.atomic_add(histogram_pointer + unit * _NUM_BINS + block_bin, weight, mask=weight > 0, sem="relaxed")
+    else:
+        tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -197,7 +218,7 @@ def _masked_adamw_kernel(
     HAS_ANCHOR: tl.constexpr, HAS_ANCHOR_PARAM: tl.constexpr, HAS_USER_MASK: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, GATED: tl.constexpr,
     HISTOGRAM: tl.constexpr, PREPASS_RAN: tl.constexpr, EMULATE_FMA: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    GATE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One MaskedAdamW step (SPEC steps 1-6) of every element of a bucket, in one memory pass.
 
@@ -216,6 +237,12 @@ def _masked_adamw_kernel(
     of 16 bytes) these are 128-bit accesses. A tensor's last, partial block uses masks and
     writes only the moving elements. (Full blocks trade bytes for vector width: at low density
     a masked store would write fewer bytes; unmeasured on a GPU so far.)
+
+    With GATE_BLOCK > 1 (``gate_block``, block gates; GATED only) each run of GATE_BLOCK
+    elements shares one gate from its largest allowed score bin and enters the histogram once,
+    weighted by its allowed elements (``threshold.block_bins``). The param (except for taylor's
+    signal), moments and theta* are then read and written only in gated-on blocks: a step at
+    density d moves ~(grad + 2 x importance) + d x (param and moments both ways) bytes.
 
     Args (pointers; T tensors in the group, U gated units):
         tensor_table_pointer: int64 [T, layout.TENSOR_FIELDS], read only.
@@ -253,14 +280,14 @@ def _masked_adamw_kernel(
             row, offsets, mask, unit_table_pointer, hyper_pointer, grad_scale_pointer, prepass_threshold_pointer,
             histogram_pointer, counts_pointer, PARAM_DTYPE, GRAD_DTYPE, MATH_DTYPE, IMPORTANCE_DTYPE, ANCHOR_DTYPE,
             ANCHOR_PARAM_DTYPE, HAS_ANCHOR, HAS_ANCHOR_PARAM, HAS_USER_MASK, HAS_GRAD_SCALE, GATED, HISTOGRAM,
-            PREPASS_RAN, EMULATE_FMA, ALIGNED, BLOCK, True,
+            PREPASS_RAN, EMULATE_FMA, ALIGNED, GATE_BLOCK, BLOCK, True, GATE_BLOCK == 1,
         )
     else:
         _step_elements(
             row, offsets, mask, unit_table_pointer, hyper_pointer, grad_scale_pointer, prepass_threshold_pointer,
             histogram_pointer, counts_pointer, PARAM_DTYPE, GRAD_DTYPE, MATH_DTYPE, IMPORTANCE_DTYPE, ANCHOR_DTYPE,
             ANCHOR_PARAM_DTYPE, HAS_ANCHOR, HAS_ANCHOR_PARAM, HAS_USER_MASK, HAS_GRAD_SCALE, GATED, HISTOGRAM,
-            PREPASS_RAN, EMULATE_FMA, ALIGNED, BLOCK, False,
+            PREPASS_RAN, EMULATE_FMA, ALIGNED, GATE_BLOCK, BLOCK, False, False,
         )
 
 
@@ -272,9 +299,12 @@ def _step_elements(
     IMPORTANCE_DTYPE: tl.constexpr, ANCHOR_DTYPE: tl.constexpr, ANCHOR_PARAM_DTYPE: tl.constexpr,
     HAS_ANCHOR: tl.constexpr, HAS_ANCHOR_PARAM: tl.constexpr, HAS_USER_MASK: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, GATED: tl.constexpr, HISTOGRAM: tl.constexpr, PREPASS_RAN: tl.constexpr,
-    EMULATE_FMA: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
+    EMULATE_FMA: tl.constexpr, ALIGNED: tl.constexpr, GATE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    FULL: tl.constexpr, DENSE_IO: tl.constexpr,
 ):
-    """The body of ``_masked_adamw_kernel`` for one block: FULL (no masks on memory) or not."""
+    """The body of ``_masked_adamw_kernel`` for one block: FULL (no masks on the grad,
+    importance, anchor and user mask) or not; DENSE_IO (FULL with element gates: param,
+    moments and theta* read and written in full too) or not (only moving elements' are)."""
     lr = tl.load(hyper_pointer + layout.LR)
     weight_decay = tl.load(hyper_pointer + layout.WEIGHT_DECAY)
     step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32))).to(tl.float64) + 1.0
@@ -282,8 +312,12 @@ def _step_elements(
     bias_correction2_sqrt = tl.sqrt(1.0 - arith.power(tl.load(hyper_pointer + layout.BETA2), step))
 
     param_pointer = _pointer(row, _PARAM, PARAM_DTYPE, ALIGNED)
-    stored_theta = _load(param_pointer, offsets, mask, FULL)
-    theta = stored_theta.to(MATH_DTYPE)
+    if GATE_BLOCK == 1:
+        stored_theta = _load(param_pointer, offsets, mask, FULL)
+        theta = stored_theta.to(MATH_DTYPE)
+    else:  # before the gate only taylor's signal needs theta: gated-off blocks are not read
+        taylor = tl.where(tl.load(hyper_pointer + layout.IMPORTANCE_KIND) == 1, mask, False)
+        theta = tl.load(param_pointer + offsets, mask=taylor, other=0).to(MATH_DTYPE)
     g, live = _unscaled_grad(row, offsets, mask, hyper_pointer, grad_scale_pointer, GRAD_DTYPE, MATH_DTYPE, HAS_GRAD_SCALE, FULL, ALIGNED)
     importance = _new_importance(row, offsets, mask, g, theta, live, hyper_pointer, IMPORTANCE_DTYPE, FULL, ALIGNED)
     importance_pointer = _pointer(row, _IMPORTANCE, IMPORTANCE_DTYPE, ALIGNED)
@@ -305,21 +339,41 @@ def _step_elements(
         bins = arith.score_bin(score)
         unit, stored, known = _stored_threshold(row, unit_table_pointer)
         current = tl.where(stored >= 0, stored, tl.load(prepass_threshold_pointer + unit))
-        gate = allowed & tl.where(protect, bins < current, bins >= current)
-        if HISTOGRAM:
-            counted = allowed
-            if PREPASS_RAN:
-                counted = tl.where(_prepass_counts(stored, known, protect), False, allowed)
-            tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=counted, sem="relaxed")
+        if GATE_BLOCK > 1:
+            block_bin, weight = _block_bins(bins, allowed, BLOCK, GATE_BLOCK)
+            block_gate = tl.where(protect, block_bin < current, block_bin >= current)
+            gate = allowed & _expand_blocks(block_gate, BLOCK, GATE_BLOCK)
+            if HISTOGRAM:
+                counted = weight > 0
+                if PREPASS_RAN:
+                    counted = tl.where(_prepass_counts(stored, known, protect), False, counted)
+                tl.atomic_add(histogram_pointer + unit * _NUM_BINS + block_bin, weight, mask=counted, sem="relaxed")
+        else:
+            gate = allowed & tl.where(protect, bins < current, bins >= current)
+            if HISTOGRAM:
+                counted = allowed
+                if PREPASS_RAN:
+                    counted = tl.where(_prepass_counts(stored, known, protect), False, allowed)
+                tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=counted, sem="relaxed")
     moving = gate & live
+    # Without DENSE_IO, param, moments and theta* are read and written where ``io``: the moving
+    # elements, or with block gates every element of a gated-on block (a mask constant over
+    # GATE_BLOCK elements, so accesses stay vectorised; gated-off blocks cost no traffic).
+    io = moving
+    if GATE_BLOCK > 1:
+        io = _expand_blocks(block_gate, BLOCK, GATE_BLOCK)
+        if not FULL:
+            io = io & mask
+        stored_theta = tl.load(param_pointer + offsets, mask=io, other=0)
+        theta = stored_theta.to(MATH_DTYPE)
 
     # SPEC step 5a: restoring force toward theta* (reference.restoring_force)
     pulled = theta
     if HAS_ANCHOR_PARAM:
         anchor_decay = tl.load(hyper_pointer + layout.ANCHOR_DECAY)
-        restoring = tl.where(anchor_decay != 0, moving, False)
+        restoring = tl.where(anchor_decay != 0, io, False)
         anchor_param_pointer = _pointer(row, _ANCHOR_PARAM, ANCHOR_PARAM_DTYPE, ALIGNED)
-        if FULL:
+        if DENSE_IO:
             theta_star = tl.load(anchor_param_pointer + offsets).to(MATH_DTYPE)
         else:
             theta_star = tl.load(anchor_param_pointer + offsets, mask=restoring, other=0).to(MATH_DTYPE)
@@ -329,12 +383,12 @@ def _step_elements(
     # SPEC step 5b: AdamW (reference.adamw_update, torch's single-tensor arithmetic)
     exp_avg_pointer = _pointer(row, _EXP_AVG, MATH_DTYPE, ALIGNED)
     exp_avg_sq_pointer = _pointer(row, _EXP_AVG_SQ, MATH_DTYPE, ALIGNED)
-    if FULL:
+    if DENSE_IO:
         old_exp_avg = tl.load(exp_avg_pointer + offsets)
         old_exp_avg_sq = tl.load(exp_avg_sq_pointer + offsets)
     else:
-        old_exp_avg = tl.load(exp_avg_pointer + offsets, mask=moving, other=0)
-        old_exp_avg_sq = tl.load(exp_avg_sq_pointer + offsets, mask=moving, other=0)
+        old_exp_avg = tl.load(exp_avg_pointer + offsets, mask=io, other=0)
+        old_exp_avg_sq = tl.load(exp_avg_sq_pointer + offsets, mask=io, other=0)
     exp_avg = old_exp_avg
     exp_avg_sq = old_exp_avg_sq
     one_minus_beta1 = tl.load(hyper_pointer + layout.ONE_MINUS_BETA1).to(MATH_DTYPE)
@@ -357,14 +411,19 @@ def _step_elements(
         scaled = scaled - arith.divide(step_size * exp_avg, denom, MATH_DTYPE)
         new_theta = tl.where(protect_strength != 0, scaled, new_theta)
 
-    if FULL:  # kept elements are written back with their own bits
+    if DENSE_IO:  # kept elements are written back with their own bits
         tl.store(param_pointer + offsets, tl.where(moving, arith.round_for_store(new_theta, PARAM_DTYPE), stored_theta))
         tl.store(exp_avg_pointer + offsets, tl.where(moving, exp_avg, old_exp_avg))
         tl.store(exp_avg_sq_pointer + offsets, tl.where(moving, exp_avg_sq, old_exp_avg_sq))
     else:
-        tl.store(param_pointer + offsets, arith.round_for_store(new_theta, PARAM_DTYPE), mask=moving)
-        tl.store(exp_avg_pointer + offsets, exp_avg, mask=moving)
-        tl.store(exp_avg_sq_pointer + offsets, exp_avg_sq, mask=moving)
+        if GATE_BLOCK > 1:  # gated-on blocks' kept elements (user mask, non-finite) keep their bits
+            tl.store(param_pointer + offsets, tl.where(moving, arith.round_for_store(new_theta, PARAM_DTYPE), stored_theta), mask=io)
+            tl.store(exp_avg_pointer + offsets, tl.where(moving, exp_avg, old_exp_avg), mask=io)
+            tl.store(exp_avg_sq_pointer + offsets, tl.where(moving, exp_avg_sq, old_exp_avg_sq), mask=io)
+        else:
+            tl.store(param_pointer + offsets, arith.round_for_store(new_theta, PARAM_DTYPE), mask=moving)
+            tl.store(exp_avg_pointer + offsets, exp_avg, mask=moving)
+            tl.store(exp_avg_sq_pointer + offsets, exp_avg_sq, mask=moving)
     tl.atomic_add(counts_pointer + _UPDATED, tl.sum(moving.to(tl.int64)), sem="relaxed")
     tl.atomic_add(counts_pointer + _FROZEN, tl.sum((mask & (gate == 0)).to(tl.int64)), sem="relaxed")
     tl.atomic_add(counts_pointer + _SKIPPED, tl.sum((mask & (live == 0)).to(tl.int64)), sem="relaxed")
