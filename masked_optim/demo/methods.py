@@ -187,7 +187,7 @@ _EPS = dict(lr=1e-2, eps=2e-2)
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("adamw", "adamw"),
     Method("grad-mask", "gradmask", dict(density=0.3, **_PROTECT), how="sum"),
-    Method("ewc-adamw", "ewc", ewc_lambda=100.0),
+    Method("ewc-adamw", "ewc", ewc_lambda=30.0),
     Method("ewc-sgd", "ewc", ewc_lambda=100.0, sgd=True),
     Method("masked-select", "masked", dict(density=0.1)),
     Method("masked-protect", "masked", dict(density=0.5, **_PROTECT), how="sum"),

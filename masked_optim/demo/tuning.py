@@ -19,14 +19,14 @@ NEW_SLACK = 0.03
 # candidate options per method name (method.with_options(**candidate))
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "grad-mask": [dict(density=d) for d in (0.3, 0.5, 0.7)],
-    "ewc-adamw": [dict(ewc_lambda=v) for v in (100.0, 300.0, 1000.0, 3000.0)],
-    "ewc-sgd": [dict(ewc_lambda=v) for v in (100.0, 300.0, 1000.0, 3000.0)],
+    "ewc-adamw": [dict(ewc_lambda=v) for v in (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)],
+    "ewc-sgd": [dict(ewc_lambda=v) for v in (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)],
     "masked-select": [dict(density=d) for d in (0.05, 0.1, 0.3)],
     "masked-protect": [dict(density=d) for d in (0.3, 0.5, 0.7)],
     "masked-soft": [dict(protect_strength=v) for v in (10.0, 100.0, 1000.0)],
     "masked-anchor": [dict(anchor_decay=v) for v in (3.0, 10.0, 30.0)],
     "masked-anchor+eps": [dict(anchor_decay=v) for v in (1.0, 3.0, 10.0)],
-    "ewc-adamw+eps": [dict(ewc_lambda=v) for v in (100.0, 300.0, 1000.0)],
+    "ewc-adamw+eps": [dict(ewc_lambda=v) for v in (10.0, 30.0, 100.0, 300.0, 1000.0)],
     "masked-protect-anchor+eps": [dict(density=d, anchor_decay=v) for d in (0.5, 0.7, 0.9) for v in (1.0, 3.0, 10.0)],
 }
 
