@@ -442,6 +442,8 @@ class MaskedAdamW(Optimizer):
         originals = {pid: dict(state) for pid, state in state_dict["state"].items()}
         saved_groups = state_dict["param_groups"]
         current_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        for saved, current in zip(saved_groups, current_groups):  # refuse before changing anything
+            validate_group({**current, **{k: v for k, v in saved.items() if k != "params"}})
         super().load_state_dict(state_dict)
         for saved, current, group in zip(saved_groups, current_groups, self.param_groups):
             for key, value in current.items():  # options a foreign checkpoint lacks stay as set

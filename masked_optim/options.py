@@ -65,8 +65,9 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
     """Raise ValueError naming the first invalid hyper-parameter of ``group``.
 
-    ``read_tensors=False`` (every step) checks a Tensor lr's shape but not its value, which
-    would cost a device synchronisation; its value is checked when the group is added.
+    ``read_tensors=False`` (every step) checks the shape but not the value of lr, betas, eps,
+    weight_decay, protect_strength or anchor_decay given as a 1-element Tensor, which would
+    cost a device synchronisation; their values are checked when the group is added.
     """
     lr = _number("lr", group["lr"], read_tensors)
     if not _finite(lr) or lr < 0:
@@ -75,12 +76,12 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (expected a pair)")
     for index, beta in enumerate(betas):
-        value = _number(f"betas[{index}]", beta)
+        value = _number(f"betas[{index}]", beta, read_tensors)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index}: {value} (must be in [0, 1))")
     ranges = (("eps", 0.0), ("weight_decay", 0.0), ("protect_strength", 0.0), ("anchor_decay", 0.0))
     for name, low in ranges:
-        value = _number(name, group[name])
+        value = _number(name, group[name], read_tensors)
         if not _finite(value) or value < low:
             raise ValueError(f"Invalid {name}: {value} (must be finite and >= {low})")
     density = _number("density", group["density"])

@@ -111,28 +111,30 @@ def adamw_update(theta: Tensor, g: Tensor, t: TensorState, lr: float, scale: Opt
 class GateBins:
     """SPEC step 3's comparison and step 6's histogram for one tensor's scores: per element,
     or per block of ``gate_block`` elements in memory order (``threshold.block_bins``: a block
-    is scored by its largest allowed bin and counted by its allowed elements)."""
+    is scored by its largest allowed bin and counted by its allowed elements; with protect,
+    elements of anchor 0 move whatever their block's gate, as SPEC requires)."""
 
-    def __init__(self, score: Tensor, t: TensorState, gate_block: int):
+    def __init__(self, score: Tensor, t: TensorState, gate_block: int, protect: bool):
         self.bins = thr.score_bins(score).reshape(score.shape)
-        self.t, self.gate_block, self._histogram = t, gate_block, None
+        self.t, self.gate_block, self.protect, self._histogram = t, gate_block, protect, None
         if gate_block > 1:
-            self.block_bin, self.block_count = thr.block_bins(self.bins, t.user_mask, gate_block, t.param)
+            self.block_bin, self.block_count, self.always = thr.block_bins(self.bins, t.user_mask, gate_block, t.param, protect)
 
     def histogram(self) -> Tensor:
         """The histogram of this step's scores (built once)."""
         if self._histogram is None:
             if self.gate_block > 1:
-                self._histogram = thr.block_histogram(self.block_bin, self.block_count)
+                self._histogram = thr.block_histogram(self.block_bin, self.block_count, self.always)
             else:
                 self._histogram = thr.histogram_of_bins(self.bins, self.t.user_mask)
         return self._histogram
 
-    def gate(self, threshold: Tensor, protect: bool) -> Tensor:
+    def gate(self, threshold: Tensor) -> Tensor:
         """Which elements the unit's threshold bin lets move (before the user mask)."""
         if self.gate_block > 1:
-            return thr.expand_blocks(thr.gate(self.block_bin, threshold, protect), self.gate_block, self.t.param)
-        return thr.gate(self.bins, threshold, protect)
+            gate = thr.expand_blocks(thr.gate(self.block_bin, threshold, self.protect), self.gate_block, self.t.param)
+            return gate | (self.bins == 0) if self.protect else gate
+        return thr.gate(self.bins, threshold, self.protect)
 
 
 def step_group(
@@ -160,14 +162,14 @@ def step_group(
         lives.append(live)
         scores.append(score)
 
-    gate_bins = [None if score is None else GateBins(score, t, hyper.gate_block) for score, t in zip(scores, tensors)]
+    gate_bins = [None if score is None else GateBins(score, t, hyper.gate_block, protect) for score, t in zip(scores, tensors)]
     histograms = [None if bins is None else bins.histogram for bins in gate_bins]
     gates, unit_current = gate_thresholds(tensors, histograms, hyper)
     following_thresholds = next_thresholds(tensors, histograms, hyper)
     device = tensors[0].param.device if tensors else torch.device("cpu")
     stats = GroupStats(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(4)), thresholds=unit_current)
     for t, g, live, bins, current, following in zip(tensors, grads, lives, gate_bins, gates, following_thresholds):
-        k = torch.ones_like(g, dtype=torch.bool) if current is None else bins.gate(current, protect)
+        k = torch.ones_like(g, dtype=torch.bool) if current is None else bins.gate(current)
         if t.user_mask is not None:
             k = k & t.user_mask
         moving = k if live is None else k & live

@@ -45,30 +45,38 @@ def memory_order(like: Tensor) -> list[int]:
     return sorted(range(like.dim()), key=lambda d: like.stride(d), reverse=True)
 
 
-def block_bins(bins: Tensor, allowed: Optional[Tensor], gate_block: int, like: Tensor) -> tuple[Tensor, Tensor]:
+def block_bins(bins: Tensor, allowed: Optional[Tensor], gate_block: int, like: Tensor,
+               protect: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Block gates: the elements of ``like`` (a param, any dense layout) in memory order form
     blocks of ``gate_block``; a block's bin is the largest bin among its allowed elements, and
     the block counts as its number of allowed elements (so a unit's density stays a fraction
     of elements). The last block of a tensor may be short. ``bins`` and ``allowed`` have
-    ``like``'s shape (any layout).
+    ``like``'s shape (any layout). With ``protect``, elements in bin 0 (anchor 0) always move,
+    whatever their block's gate: they are counted apart, in bin 0, not in their block.
 
-    Returns (block bins int64 [blocks], allowed counts int64 [blocks]). The maximum is taken
-    over bins, not scores, so NaN scores (bins above +inf's) order alike in every backend.
+    Returns (block bins int64 [blocks], counts int64 [blocks], int64 count of the always-moving
+    bin-0 elements). The maximum is taken over bins, not scores, so NaN scores (bins above
+    +inf's) order alike in every backend.
     """
     order = memory_order(like)
     flat = bins.reshape(like.shape).permute(order).reshape(-1).to(torch.int64)
     mask = torch.ones_like(flat, dtype=torch.bool) if allowed is None else allowed.reshape(like.shape).permute(order).reshape(-1)
+    counted = mask & (flat > 0) if protect else mask
+    always = (mask & (flat == 0)).sum() if protect else flat.new_zeros(())
     blocks = -(-flat.numel() // gate_block)
     pad = blocks * gate_block - flat.numel()
     padded_bins = torch.nn.functional.pad(torch.where(mask, flat, 0), (0, pad)).view(blocks, gate_block)
-    padded_mask = torch.nn.functional.pad(mask.to(torch.int64), (0, pad)).view(blocks, gate_block)
-    return padded_bins.amax(1) if blocks else flat.new_zeros(0), padded_mask.sum(1)
+    padded_counts = torch.nn.functional.pad(counted.to(torch.int64), (0, pad)).view(blocks, gate_block)
+    return padded_bins.amax(1), padded_counts.sum(1), always
 
 
-def block_histogram(block_bin: Tensor, counts: Tensor) -> Tensor:
-    """int64 histogram of block bins, each block weighted by its allowed elements."""
+def block_histogram(block_bin: Tensor, counts: Tensor, always: Tensor) -> Tensor:
+    """int64 histogram of block bins, each block weighted by its counted elements, and the
+    always-moving bin-0 elements in bin 0."""
     hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=block_bin.device)
-    return hist.index_add_(0, block_bin, counts)
+    hist.index_add_(0, block_bin, counts)
+    hist[0] += always
+    return hist
 
 
 def expand_blocks(block_values: Tensor, gate_block: int, like: Tensor) -> Tensor:

@@ -56,7 +56,8 @@ def main() -> int:
         common = dict(PARAM_DTYPE=param, GRAD_DTYPE=param, MATH_DTYPE=math, IMPORTANCE_DTYPE=importance, ANCHOR_DTYPE=importance)
         flags = dict(HAS_ANCHOR=anchor, HAS_USER_MASK=anchor, HAS_GRAD_SCALE=scaled, HAS_FOUND_INF=scaled)
         # element gates, aligned or not; and (gated only) block gates of 32 elements
-        for aligned, gate_block in [(True, 1), (False, 1)] + ([(True, 32)] if gated else []):
+        blocks = [32] + ([2, 1024] if gated and anchor and param == tl.float32 and importance == tl.float32 else [])
+        for aligned, gate_block in [(True, 1), (False, 1)] + ([(True, g) for g in blocks] if gated else []):
             compiled = compile_kernel(_masked_adamw_kernel, dict(
                 tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",
                 **scale_slots(scaled), prepass_threshold_pointer="*i64", histogram_pointer="*i32", counts_pointer="*i64",
@@ -71,7 +72,7 @@ def main() -> int:
                 return 1
             print(f"step kernel {param} importance {importance} gated={gated} anchor={anchor} scaled={scaled} "
                   f"aligned={aligned} gate_block={gate_block}: ok, {wide} vector accesses", flush=True)
-        for gate_block in (1, 32) if gated else ():
+        for gate_block in [1] + blocks if gated else ():
             compile_kernel(_score_histogram_kernel, dict(
                 tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",
                 **scale_slots(scaled), histogram_pointer="*i32",

@@ -112,3 +112,21 @@ def test_setstate_fills_options_missing_from_old_checkpoints():
     assert restored.param_groups[0]["density"] == 1.0 and restored.defaults["scope"] == "tensor"
     lognormal_grads(params, torch.Generator().manual_seed(6))
     restored.step()
+
+
+def test_checkpoint_whose_options_clash_with_the_optimizer_is_refused_before_any_change():
+    """An older checkpoint (no gate_block) of a backend="compile" group, loaded into an
+    optimizer with block gates, would make an invalid group: refused, nothing changed."""
+    param = torch.nn.Parameter(torch.randn(64))
+    old = MaskedAdamW([param], backend="compile")
+    param.grad = torch.randn(64)
+    old.step()
+    saved = old.state_dict()
+    del saved["param_groups"][0]["gate_block"]
+    target = torch.nn.Parameter(torch.randn(64))
+    opt = MaskedAdamW([target], gate_block=16, density=0.5)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"Invalid gate_block: 16 \(backend='compile'"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"] and after["state"] == before["state"] == {}

@@ -120,12 +120,15 @@ def _select_score(row, importance, anchor, hyper_pointer, HAS_ANCHOR: tl.constex
 
 
 @triton.jit
-def _block_bins(bins, allowed, BLOCK: tl.constexpr, GATE_BLOCK: tl.constexpr):
+def _block_bins(bins, allowed, protect, BLOCK: tl.constexpr, GATE_BLOCK: tl.constexpr):
     """threshold.block_bins within one program: each run of GATE_BLOCK elements' largest bin
-    among its allowed elements, and its number of allowed elements."""
+    among its allowed elements, its number of counted elements (allowed; with protect, of
+    anchor > 0), and the number of allowed always-moving elements (protect, bin 0)."""
     grid = tl.reshape(tl.where(allowed, bins, 0), [BLOCK // GATE_BLOCK, GATE_BLOCK])
-    counts = tl.reshape(allowed.to(tl.int32), [BLOCK // GATE_BLOCK, GATE_BLOCK])
-    return tl.max(grid, axis=1), tl.sum(counts, axis=1)
+    counted = allowed & tl.where(protect, bins > 0, True)
+    counts = tl.reshape(counted.to(tl.int32), [BLOCK // GATE_BLOCK, GATE_BLOCK])
+    always = tl.sum((allowed & tl.where(protect, bins == 0, False)).to(tl.int32))
+    return tl.max(grid, axis=1), tl.sum(counts, axis=1), always
 
 
 @triton.jit
@@ -203,8 +206,9 @@ def _score_histogram_kernel(
         mask = mask & (tl.load(tl.load(row + _USER_MASK).to(tl.pointer_type(tl.int8)) + offsets, mask=mask, other=0) != 0)
     bins = arith.score_bin(score)
     if GATE_BLOCK > 1:
-        block_bin, weight = _block_bins(bins, mask, BLOCK, GATE_BLOCK)
+        block_bin, weight, always = _block_bins(bins, mask, protect, BLOCK, GATE_BLOCK)
         tl.atomic_add(histogram_pointer + unit * _NUM_BINS + block_bin, weight, mask=weight > 0, sem="relaxed")
+        tl.atomic_add(histogram_pointer + unit * _NUM_BINS, always, mask=always > 0, sem="relaxed")
     else:
         tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=mask, sem="relaxed")
 
@@ -240,9 +244,12 @@ def _masked_adamw_kernel(
 
     With GATE_BLOCK > 1 (``gate_block``, block gates; GATED only) each run of GATE_BLOCK
     elements shares one gate from its largest allowed score bin and enters the histogram once,
-    weighted by its allowed elements (``threshold.block_bins``). The param (except for taylor's
-    signal), moments and theta* are then read and written only in gated-on blocks: a step at
-    density d moves ~(grad + 2 x importance) + d x (param and moments both ways) bytes.
+    weighted by its allowed elements (``threshold.block_bins``; with protect, elements of
+    anchor 0 move whatever their block's gate and are counted in bin 0). The param (except for
+    taylor's signal), moments and theta* are then read and written only where ``io``: in
+    gated-on blocks (and at protect's anchor-0 elements), the kept elements of those blocks
+    with their own bits: a step at density d moves ~(grad + 2 x importance) + d x (param and
+    moments both ways) bytes.
 
     Args (pointers; T tensors in the group, U gated units):
         tensor_table_pointer: int64 [T, layout.TENSOR_FIELDS], read only.
@@ -259,8 +266,9 @@ def _masked_adamw_kernel(
         counts_pointer: int64 [layout.COUNT_FIELDS]; updated / frozen / non-finite-skipped
             element counts are added atomically.
         Through each table row, flat [numel] in the param's element order:
-            param (PARAM_DTYPE): read; written where the element moves (full blocks: all,
-                kept elements with their old bits, as for the moments).
+            param (PARAM_DTYPE): read; written where the element moves (full blocks with
+                element gates: all, kept elements with their old bits, as for the moments;
+                block gates: every element of a gated-on block, likewise).
             grad (GRAD_DTYPE): read.
             exp_avg, exp_avg_sq (MATH_DTYPE: fp32, or fp64 for fp64 params): read; written
                 where the element moves.
@@ -340,10 +348,12 @@ def _step_elements(
         unit, stored, known = _stored_threshold(row, unit_table_pointer)
         current = tl.where(stored >= 0, stored, tl.load(prepass_threshold_pointer + unit))
         if GATE_BLOCK > 1:
-            block_bin, weight = _block_bins(bins, allowed, BLOCK, GATE_BLOCK)
+            block_bin, weight, always = _block_bins(bins, allowed, protect, BLOCK, GATE_BLOCK)
             block_gate = tl.where(protect, block_bin < current, block_bin >= current)
-            gate = allowed & _expand_blocks(block_gate, BLOCK, GATE_BLOCK)
-            if HISTOGRAM:
+            # protect: elements of anchor 0 move whatever their block's gate (SPEC)
+            on = _expand_blocks(block_gate, BLOCK, GATE_BLOCK) | tl.where(protect, bins == 0, False)
+            gate = allowed & on
+            if HISTOGRAM:  # select only (protect's steady state keeps its threshold): no bin-0 rule
                 counted = weight > 0
                 if PREPASS_RAN:
                     counted = tl.where(_prepass_counts(stored, known, protect), False, counted)
@@ -361,7 +371,7 @@ def _step_elements(
     # GATE_BLOCK elements, so accesses stay vectorised; gated-off blocks cost no traffic).
     io = moving
     if GATE_BLOCK > 1:
-        io = _expand_blocks(block_gate, BLOCK, GATE_BLOCK)
+        io = on
         if not FULL:
             io = io & mask
         stored_theta = tl.load(param_pointer + offsets, mask=io, other=0)

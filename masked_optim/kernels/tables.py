@@ -5,7 +5,7 @@ int64 unit table (address of each gated unit's stored threshold) and, per bucket
 dtypes and features, an int32 block table (the tensor-table row of every program). Tables are
 cached by their contents (which are addresses and sizes only), so a steady training loop
 builds them once and then only hashes the addresses; and a step whose ``signature`` (address,
-dtype and strides of every tensor, and the gating) matches an earlier checked step reuses its tables without repeating the
+dtype, shape and strides of every tensor, and the gating) matches an earlier checked step reuses its tables without repeating the
 per-tensor checks. (With the eager call that skips the op dispatcher, ``op.step_group``, the
 host-side cost of a step of GPT-2 small's 148 tensors went from ~11 ms to ~1.5-3.5 ms on a 2-core
 CPU: ``benchmarks/host_overhead.py``.)
@@ -77,30 +77,30 @@ _checked: "OrderedDict[tuple, GroupTables]" = OrderedDict()
 
 
 def _state(tensor: Optional[Tensor]) -> tuple:
-    """A param-shaped tensor's address, dtype and strides (its shape is the param's: grads by
-    autograd's check, state and masks by the optimizer's)."""
-    return () if tensor is None else (tensor.data_ptr(), tensor.dtype, tensor.stride())
+    """A param-shaped tensor's address, dtype, shape and strides (its device is implied by the
+    address: CUDA's unified virtual addressing keeps host and device addresses apart)."""
+    return () if tensor is None else (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
 
 
 def signature(tensors: list[TensorState], scored: list[bool], unit_of: list[int], unit_known: list[bool], block: int, device: torch.device) -> tuple:
-    """What a group's checked tables depend on, cheap to compute every step: the param's
-    address, dtype, device, shape and strides, the address, dtype and strides of every other
-    param-shaped tensor the kernel reads or writes, the counters' addresses, and the gating.
+    """What a group's checked tables depend on, cheap to compute every step: the address,
+    dtype, shape and strides of every param-shaped tensor the kernel reads or writes (and the
+    param's device), the counters' addresses and dtypes, and the gating layout.
 
     Two steps with equal signatures step the same memory with the same layouts, so the second
-    may skip ``flat_inputs``' checks. Addresses alone are not enough: a freed tensor's memory
-    is reused by the next allocation of the same size, e.g. a transposed ``set_mask`` mask
-    after a contiguous one. (~0.2 us per attribute read on a slow CPU: this costs ~0.5-1 ms
+    may skip ``flat_inputs``' and ``_counters``' checks. Addresses alone are not enough: a freed
+    tensor's memory is reused by the next allocation of the same size, e.g. a transposed
+    ``set_mask`` mask after a contiguous one. (~0.2 us per attribute read on a slow CPU: ~1 ms
     per step for GPT-2 small's 148 tensors, most of the fast path's host time.)
     """
     parts: list = [device, block, tuple(unit_known)]
     for t, gated, unit in zip(tensors, scored, unit_of):
-        param = t.param
+        param, step, importance_step, threshold = t.param, t.step, t.importance_step, t.threshold
         parts.append((
             param.data_ptr(), param.dtype, param.device, param.shape, param.stride(),
             _state(t.grad), _state(t.exp_avg), _state(t.exp_avg_sq), _state(t.importance), _state(t.anchor),
-            _state(t.anchor_param), _state(t.user_mask), t.step.data_ptr(), t.importance_step.data_ptr(),
-            t.threshold.data_ptr(), gated, unit,
+            _state(t.anchor_param), _state(t.user_mask), step.data_ptr(), step.dtype,
+            importance_step.data_ptr(), importance_step.dtype, threshold.data_ptr(), threshold.dtype, gated, unit,
         ))
     return tuple(parts)
 
