@@ -130,6 +130,34 @@ def scenario_fsdp2_triton(rank: int, world: int) -> None:
             assert_close(_full(opt.state[p][key]), single_opt.state[q][key], key)
 
 
+def scenario_fsdp2_block_gates(rank: int, world: int) -> None:
+    """Block gates under FSDP2: blocks are runs of each rank's shard, so the reference is
+    another FSDP2 run (not a single process); the Triton kernel must match it, and the
+    all-reduced thresholds must agree across ranks."""
+    from torch.distributed.fsdp import fully_shard
+
+    data = batches(6)
+    runs = []
+    for backend in ("torch", "triton"):
+        model = model_factory()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = MaskedAdamW(model.parameters(), **OPTIONS, gate_block=4, scope="group", backend=backend)
+        train(model, opt, data, consolidate_at=2)
+        runs.append((model, opt))
+    (ref, ref_opt), (ours, opt) = runs
+    assert opt.mask_stats(global_counts=True) == ref_opt.mask_stats(global_counts=True)
+    thresholds = [None] * world
+    dist.all_gather_object(thresholds, opt.mask_stats()[0]["threshold"])
+    assert all(t == thresholds[0] for t in thresholds), thresholds
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert_close(p.full_tensor(), q.full_tensor(), "FSDP2 block gates: triton vs reference")
+        for key in ("exp_avg", "exp_avg_sq", "importance", "anchor"):
+            assert_close(_full(opt.state[p][key]), _full(ref_opt.state[q][key]), key)
+
+
 def run(rank: int, world: int, port: int, tmpdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -138,5 +166,6 @@ def run(rank: int, world: int, port: int, tmpdir: str) -> None:
         scenario_ddp(rank, world)
         scenario_fsdp2(rank, world, tmpdir)
         scenario_fsdp2_triton(rank, world)
+        scenario_fsdp2_block_gates(rank, world)
     finally:
         dist.destroy_process_group()
