@@ -426,14 +426,11 @@ def _step_elements(
         tl.store(exp_avg_pointer + offsets, tl.where(moving, exp_avg, old_exp_avg))
         tl.store(exp_avg_sq_pointer + offsets, tl.where(moving, exp_avg_sq, old_exp_avg_sq))
     else:
-        if GATE_BLOCK > 1:  # gated-on blocks' kept elements (user mask, non-finite) keep their bits
-            tl.store(param_pointer + offsets, tl.where(moving, arith.round_for_store(new_theta, PARAM_DTYPE), stored_theta), mask=io)
-            tl.store(exp_avg_pointer + offsets, tl.where(moving, exp_avg, old_exp_avg), mask=io)
-            tl.store(exp_avg_sq_pointer + offsets, tl.where(moving, exp_avg_sq, old_exp_avg_sq), mask=io)
-        else:
-            tl.store(param_pointer + offsets, arith.round_for_store(new_theta, PARAM_DTYPE), mask=moving)
-            tl.store(exp_avg_pointer + offsets, exp_avg, mask=moving)
-            tl.store(exp_avg_sq_pointer + offsets, exp_avg_sq, mask=moving)
+        # where io: the moving elements (element gates), or whole gated-on blocks whose kept
+        # elements (user mask, non-finite) are written back with their own bits
+        tl.store(param_pointer + offsets, tl.where(moving, arith.round_for_store(new_theta, PARAM_DTYPE), stored_theta), mask=io)
+        tl.store(exp_avg_pointer + offsets, tl.where(moving, exp_avg, old_exp_avg), mask=io)
+        tl.store(exp_avg_sq_pointer + offsets, tl.where(moving, exp_avg_sq, old_exp_avg_sq), mask=io)
     tl.atomic_add(counts_pointer + _UPDATED, tl.sum(moving.to(tl.int64)), sem="relaxed")
     tl.atomic_add(counts_pointer + _FROZEN, tl.sum((mask & (gate == 0)).to(tl.int64)), sem="relaxed")
     tl.atomic_add(counts_pointer + _SKIPPED, tl.sum((mask & (live == 0)).to(tl.int64)), sem="relaxed")
