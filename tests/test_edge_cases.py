@@ -72,7 +72,7 @@ def test_nonfinite_propagate_behaves_like_adamw():
     param.grad, twin.grad = grad, grad.clone()
     ours.step()
     theirs.step()
-    torch.testing.assert_close(param, twin, equal_nan=True, rtol=1e-6, atol=1e-7)
+    assert_close(param, twin, "param", equal_nan=True)
     assert param[1, 1].isnan() and ours.mask_stats()[0]["nonfinite_skipped"] == 0
 
 
@@ -112,7 +112,7 @@ def test_soft_scale_slows_important_elements():
     before = param.detach().clone()
     opt.step()
     moved = (param.detach() - before).abs()
-    anchor = opt.state[param]["anchor"]
-    expected = 1e-2 / (1 + 100.0 * anchor)  # Adam's first step moves lr*c per element
-    torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-9)
+    anchor = opt.state[param]["anchor"].double()
+    step = 1e-2 / (1 + 100.0 * anchor) / (1 + 1e-8)  # Adam's first step: lr*c * g/(|g| + eps), g = 1
+    assert_close(param.detach(), (before.double() - step).float(), "param after one soft-scaled step")
     assert moved[-1] < moved[0] / 10 and twin is not param

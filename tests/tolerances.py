@@ -17,6 +17,8 @@ TOLERANCES = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "", *, equal_nan: bool = False) -> None:
     """``torch.testing.assert_close`` with the table's tolerance for ``expected``'s dtype."""
-    torch.testing.assert_close(actual, expected, **TOLERANCES[expected.dtype], msg=lambda m: f"{msg}: {m}")
+    torch.testing.assert_close(
+        actual, expected, **TOLERANCES[expected.dtype], equal_nan=equal_nan, msg=lambda m: f"{msg}: {m}"
+    )
