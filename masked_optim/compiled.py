@@ -7,6 +7,7 @@ tensor, so a scheduler changing lr never recompiles; feature flags (importance k
 anchor present, ...) are Python values and compile one variant each. Score bins are written as
 int16 and counted by ``torch.bincount`` for the next step's threshold. A step whose threshold is
 not known yet runs a first compiled pass that only updates the importance and bins the scores.
+The step's counts (updated, frozen, non-finite skipped) are reductions fused into the same loop.
 """
 from __future__ import annotations
 
@@ -94,31 +95,56 @@ def fused_step(
     if pull:
         weight = (anchor.to(dtype) * scalars[LR_MU].to(dtype)).clamp(max=1.0)
         pulled = theta.lerp(anchor_param.to(dtype), weight)
-    m = exp_avg.lerp(g, scalars[ONE_MINUS_BETA1].to(dtype))
+    # lerp's own formula for weights < 0.5 without its per-element branch, and a multiply by the
+    # reciprocal bias correction: ~5% of a CPU step, within a unit in the last place of torch's
+    m = exp_avg + (g - exp_avg) * scalars[ONE_MINUS_BETA1].to(dtype)
     v = exp_avg_sq * scalars[BETA2].to(dtype) + g * g * scalars[ONE_MINUS_BETA2].to(dtype)
-    denom = v.sqrt() / scalars[BC2_SQRT].to(dtype) + scalars[EPS].to(dtype)
+    denom = v.sqrt() * (1.0 / scalars[BC2_SQRT]).to(dtype) + scalars[EPS].to(dtype)
     if soft:  # the reference's per-element learning rate lr*c
         lr_element = (1.0 / (1.0 + scalars[LAMBDA].float() * anchor.float())).to(dtype) * scalars[LR].to(dtype)
         new_theta = pulled * (1 - lr_element * scalars[WD].to(dtype)) - (lr_element / scalars[BC1].to(dtype)) * m / denom
     else:
         new_theta = pulled * scalars[DECAY].to(dtype) - scalars[STEP_SIZE].to(dtype) * (m / denom)
     if moving is None:  # every element moves: no gate, no mask, non-finite grads propagate
-        param.copy_(new_theta.to(param.dtype))
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
+        new_param = new_theta.to(param.dtype)
+        new_m, new_v = m, v
     else:
-        param.copy_(torch.where(moving, new_theta, theta).to(param.dtype))
-        exp_avg.copy_(torch.where(moving, m, exp_avg))
-        exp_avg_sq.copy_(torch.where(moving, v, exp_avg_sq))
+        new_param = torch.where(moving, new_theta, theta).to(param.dtype)
+        new_m, new_v = torch.where(moving, m, exp_avg), torch.where(moving, v, exp_avg_sq)
+    param.copy_(new_param)
+    exp_avg.copy_(new_m)
+    exp_avg_sq.copy_(new_v)
     if update_importance:
         importance.copy_(s_new)
-    numel = torch.full((), g.numel(), dtype=torch.int64)
-    counts = torch.stack([
-        numel if moving is None else moving.sum(),
-        torch.zeros_like(numel) if k is None else (~k).sum(),
-        torch.zeros_like(numel) if live is None else (~live).sum(),
-    ])
-    return (bins.to(torch.int16) if want_bins else None), counts
+    return (bins.to(torch.int16) if want_bins else None), _counts(g.numel(), moving, k, live, new_param)
+
+
+def _counts(numel, moving, k, live, written):
+    """[updated, frozen, skipped], with as few reductions as the flags allow.
+
+    ``written > inf`` is never true; or-ing it into every counted flag makes the counts read a
+    value the step writes (the new param). That orders the reductions after the element-wise
+    step, and Inductor then fuses them into the step's one loop instead of running a loop of its
+    own first (one more read of the grads: ~20% of a 16M-element step with ``nonfinite="skip"``
+    on a 2-core CPU). Partial sums are int32 where they cannot overflow.
+    """
+    accumulate = torch.int32 if numel < 2**31 else torch.int64
+    never = written > float("inf")
+
+    def count(flag):
+        return (flag | never).sum(dtype=accumulate).to(torch.int64)
+
+    total = torch.full((), numel, dtype=torch.int64)
+    zero = torch.zeros((), dtype=torch.int64)
+    skipped = zero if live is None else count(~live)
+    frozen = zero if k is None else count(~k)
+    if moving is None:
+        updated = total
+    elif k is None:  # moving == live
+        updated = total - skipped
+    else:
+        updated = count(moving)
+    return torch.stack([updated, frozen, skipped])
 
 
 #: one compiled variant per combination of feature flags (and sizes 1 and n): more than
