@@ -5,8 +5,9 @@ function that ``torch.compile`` (Inductor) turns into a single vectorised loop o
 Hyper-parameters and per-step values (lr, bias corrections, ...) arrive packed in one float64
 tensor, so a scheduler changing lr never recompiles; feature flags (importance kind, gate mode,
 anchor present, ...) are Python values and compile one variant each. Score bins are written as
-int16 and counted by ``torch.bincount`` for the next step's threshold. A step whose threshold is
-not known yet runs a first compiled pass that only updates the importance and bins the scores.
+int32 into a reused buffer and counted by ``torch.bincount`` for the next step's threshold. A
+step whose threshold is not known yet runs a first compiled pass that only updates the
+importance and bins the scores.
 The step's counts (updated, frozen, non-finite skipped) are reductions fused into the same loop.
 """
 from __future__ import annotations
@@ -67,25 +68,26 @@ def _bins(importance, anchor, scalars, protect):
     return thr.score_bins(score)
 
 
-def importance_pass(param, grad, importance, anchor, scalars, *, kind, skip, scaled, maximize, protect):
-    """First pass of a step whose threshold is unknown: update importance, return score bins."""
+def importance_pass(param, grad, importance, anchor, scalars, bins_out, *, kind, skip, scaled, maximize, protect):
+    """First pass of a step whose threshold is unknown: update importance, write score bins."""
     g = _grad(grad, scalars, math_dtype(param.dtype), scaled, maximize)
     live = torch.isfinite(g) if skip else None
     s_new = _new_importance(param, g, importance, live, scalars, kind)
     importance.copy_(s_new)
-    return _bins(s_new, anchor, scalars, protect).to(torch.int16)
+    bins_out.copy_(_bins(s_new, anchor, scalars, protect))
 
 
 def fused_step(
-    param, grad, exp_avg, exp_avg_sq, importance, anchor, anchor_param, user_mask, threshold, scalars,
-    *, kind, skip, scaled, maximize, gate, soft, pull, update_importance, want_bins,
+    param, grad, exp_avg, exp_avg_sq, importance, anchor, anchor_param, user_mask, threshold, scalars, bins_out,
+    *, kind, skip, scaled, maximize, gate, soft, pull, update_importance,
 ):
-    """One tensor's whole step in place; returns (score bins or None, [updated, frozen, skipped])."""
+    """One tensor's whole step in place, score bins into ``bins_out`` if given; returns the
+    counts [updated, frozen, skipped]."""
     dtype = math_dtype(param.dtype)
     g = _grad(grad, scalars, dtype, scaled, maximize)
     live = torch.isfinite(g) if skip else None
     s_new = _new_importance(param, g, importance, live, scalars, kind) if update_importance else importance
-    bins = _bins(s_new, anchor, scalars, gate == "protect") if (gate is not None or want_bins) else None
+    bins = _bins(s_new, anchor, scalars, gate == "protect") if (gate is not None or bins_out is not None) else None
     k = None if gate is None else thr.gate(bins, threshold, gate == "protect")
     if user_mask is not None:
         k = user_mask if k is None else k & user_mask
@@ -116,7 +118,9 @@ def fused_step(
     exp_avg_sq.copy_(new_v)
     if update_importance:
         importance.copy_(s_new)
-    return (bins.to(torch.int16) if want_bins else None), _counts(g.numel(), moving, k, live, new_param)
+    if bins_out is not None:
+        bins_out.copy_(bins)
+    return _counts(g.numel(), moving, k, live, new_param)
 
 
 def _counts(numel, moving, k, live, written):
@@ -177,6 +181,19 @@ def _compiled(name: str):
     return call
 
 
+#: one reused int32 buffer per device for a tensor's score bins, grown to the largest gated
+#: tensor: a fresh multi-megabyte buffer every step costs its page faults, on the CPU as much
+#: time as the step itself (int32, not int16: Inductor's CPU backend vectorises no int16 store)
+_BINS_SCRATCH: dict[torch.device, Tensor] = {}
+
+
+def _bins_scratch(device: torch.device, numel: int) -> Tensor:
+    buffer = _BINS_SCRATCH.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _BINS_SCRATCH[device] = torch.empty(numel, dtype=torch.int32, device=device)
+    return buffer[:numel]
+
+
 def _flat(tensor: Optional[Tensor]) -> Optional[Tensor]:
     if tensor is None:
         return None
@@ -196,41 +213,42 @@ def step_group(
     protect = hyper.mask == "protect"
     flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
     has_gate = [hyper.density < 1.0 and not (protect and t.anchor is None) for t in tensors]
-    bins: list[Optional[Tensor]] = [None] * len(tensors)
-    histograms = [
-        (lambda i=i: thr.histogram_of_bins(bins[i], tensors[i].user_mask)) if gated else None
-        for i, gated in enumerate(has_gate)
-    ]
+    # each tensor's histogram is counted right after the pass that bins its scores, so that one
+    # scratch buffer serves every tensor
+    counted: list[Optional[Tensor]] = [None] * len(tensors)
+    histograms = [(lambda i=i: counted[i]) if gated else None for i, gated in enumerate(has_gate)]
     scalars = []
     for i, t in enumerate(tensors):
         t.step += 1
         t.importance_step += 1
         scalars.append(_scalars(t, hyper, grad_scale))
         if t.param.numel() == 0:
-            bins[i] = torch.zeros(0, dtype=torch.int16, device=t.param.device)
+            counted[i] = thr.histogram_of_bins(torch.zeros(0, dtype=torch.int32, device=t.param.device))
         elif has_gate[i] and not t.threshold_known:  # first pass: this step's scores set the gate
-            bins[i] = _compiled("importance_pass")(
-                _flat(t.param), _flat(t.grad), _flat(t.importance), _flat(t.anchor), scalars[i],
+            out = _bins_scratch(t.param.device, t.param.numel())
+            _compiled("importance_pass")(
+                _flat(t.param), _flat(t.grad), _flat(t.importance), _flat(t.anchor), scalars[i], out,
                 protect=protect, **flags,
             )
+            counted[i] = thr.histogram_of_bins(out, t.user_mask)
     gates, per_unit = gate_thresholds(tensors, histograms, hyper)
     device = tensors[0].param.device if tensors else torch.device("cpu")
     totals = torch.zeros(3, dtype=torch.int64, device=device)
     for i, t in enumerate(tensors):
         if t.param.numel() == 0:
             continue
-        prepassed = bins[i] is not None
-        main_bins, counts = _compiled("fused_step")(
+        prepassed = counted[i] is not None
+        out = _bins_scratch(t.param.device, t.param.numel()) if has_gate[i] and not prepassed and not protect else None
+        counts = _compiled("fused_step")(
             _flat(t.param), _flat(t.grad), _flat(t.exp_avg), _flat(t.exp_avg_sq), _flat(t.importance),
-            _flat(t.anchor), _flat(t.anchor_param), _flat(t.user_mask), gates[i], scalars[i],
+            _flat(t.anchor), _flat(t.anchor_param), _flat(t.user_mask), gates[i], scalars[i], out,
             gate=("protect" if protect else "select") if has_gate[i] else None,
             soft=t.anchor is not None and hyper.protect_strength != 0.0,
             pull=t.anchor is not None and t.anchor_param is not None and hyper.anchor_decay != 0.0,
-            update_importance=not prepassed, want_bins=has_gate[i] and not prepassed and not protect,
-            **flags,
+            update_importance=not prepassed, **flags,
         )
-        if main_bins is not None:
-            bins[i] = main_bins
+        if out is not None:
+            counted[i] = thr.histogram_of_bins(out, t.user_mask)
         totals += counts
     for t, following in zip(tensors, next_thresholds(tensors, histograms, hyper)):
         if following is not None:

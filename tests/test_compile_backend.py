@@ -161,3 +161,24 @@ def test_compiled_training_step_with_optimizer_inside(backend):
     assert counters["stats"]["unique_graphs"] == graphs
     for p, q in zip(model.parameters(), twin.parameters()):
         assert_close(p.detach(), q.detach(), "compiled training step")
+
+
+def test_compile_with_user_masks_matches_reference():
+    """Masked elements stay out of the histogram; tensors of several sizes share one bins buffer."""
+    ours, ref, opt, ref_opt = _twin(torch.float32, [dict(density=0.3), dict(density=0.5, mask="protect")])
+    gen = torch.Generator().manual_seed(3)
+    for p, q in zip(ours, ref):
+        mask = torch.rand(p.shape, generator=gen) < 0.7
+        opt.set_mask(p, mask)
+        ref_opt.set_mask(q, mask.clone())
+    for step in range(5):
+        mine, theirs = [_touched(p, opt) for p in ours], [_touched(q, ref_opt) for q in ref]
+        _grads(ours, ref, gen, nonfinite=step == 3)
+        opt.step()
+        ref_opt.step()
+        for p, q, a, b in zip(ours, ref, mine, theirs):
+            assert torch.equal(_changed(p, opt, a), _changed(q, ref_opt, b))
+        if step == 1:
+            opt.consolidate()
+            ref_opt.consolidate()
+    _compare(ours, ref, opt, ref_opt)
