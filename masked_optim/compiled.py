@@ -172,11 +172,10 @@ MIN_COMPILED_NUMEL = 4096
 def _compiled(name: str):
     eager = {"fused_step": fused_step, "importance_pass": importance_pass}[name]
 
-    def call(*args, **kwargs):
+    def call(*args, **kwargs):  # under step_group's raised recompile limit
         if args[0].numel() < MIN_COMPILED_NUMEL:
             return eager(*args, **kwargs)
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return _compiled_function(name)(*args, **kwargs)
+        return _compiled_function(name)(*args, **kwargs)
 
     return call
 
@@ -210,6 +209,12 @@ def step_group(
     found_inf: Optional[Tensor] = None,
 ) -> Optional[GroupStats]:
     """One MaskedAdamW step of one param group through the compiled per-tensor loops."""
+    # the limit is raised once per group step: patching Dynamo's config costs ~80 us a call
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return _step_group(tensors, hyper, grad_scale)
+
+
+def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor]) -> GroupStats:
     protect = hyper.mask == "protect"
     flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
     has_gate = [hyper.density < 1.0 and not (protect and t.anchor is None) for t in tensors]
