@@ -13,6 +13,7 @@ The step's counts (updated, frozen, non-finite skipped) are reductions fused int
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -180,16 +181,18 @@ def _compiled(name: str):
     return call
 
 
-#: one reused int32 buffer per device for a tensor's score bins, grown to the largest gated
-#: tensor: a fresh multi-megabyte buffer every step costs its page faults, on the CPU as much
-#: time as the step itself (int32, not int16: Inductor's CPU backend vectorises no int16 store)
-_BINS_SCRATCH: dict[torch.device, Tensor] = {}
+#: one reused int32 buffer per device (and thread) for a tensor's score bins, grown to the
+#: largest gated tensor: a fresh multi-megabyte buffer every step costs its page faults, on the
+#: CPU as much time as the step itself (int32, not int16: Inductor's CPU backend vectorises no
+#: int16 store)
+_SCRATCH = threading.local()
 
 
 def _bins_scratch(device: torch.device, numel: int) -> Tensor:
-    buffer = _BINS_SCRATCH.get(device)
+    buffers: dict[torch.device, Tensor] = _SCRATCH.__dict__.setdefault("bins", {})
+    buffer = buffers.get(device)
     if buffer is None or buffer.numel() < numel:
-        buffer = _BINS_SCRATCH[device] = torch.empty(numel, dtype=torch.int32, device=device)
+        buffer = buffers[device] = torch.empty(numel, dtype=torch.int32, device=device)
     return buffer[:numel]
 
 
