@@ -29,15 +29,14 @@ from masked_optim.reference import DELTA, importance_signal, math_dtype
  ONE_MINUS_BETA_S, INV_S_CORRECTION, INV_SCALE, LAMBDA, LR_MU) = range(16)
 
 
-def _scalars(t: TensorState, hyper: GroupHyper, grad_scale: Optional[Tensor]) -> Tensor:
-    step = float(t.step)
+def _scalars(step: float, importance_step: float, hyper: GroupHyper, grad_scale: Optional[Tensor]) -> Tensor:
     lr = float(hyper.lr)
     bias_correction1 = 1 - hyper.beta1**step
     values = [
         lr, 1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2, hyper.eps, hyper.weight_decay,
         1 - lr * hyper.weight_decay, lr / bias_correction1, bias_correction1,
         (1 - hyper.beta2**step) ** 0.5, hyper.importance_beta, 1.0 - hyper.importance_beta,
-        1.0 / (1.0 - hyper.importance_beta ** float(t.importance_step)), 1.0, hyper.protect_strength,
+        1.0 / (1.0 - hyper.importance_beta**importance_step), 1.0, hyper.protect_strength,
         lr * hyper.anchor_decay,
     ]
     packed = torch.tensor(values, dtype=torch.float64)
@@ -225,11 +224,16 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     # scratch buffer serves every tensor
     counted: list[Optional[Tensor]] = [None] * len(tensors)
     histograms = [(lambda i=i: counted[i]) if gated else None for i, gated in enumerate(has_gate)]
+    if tensors:  # one call per counter list, not two per tensor
+        torch._foreach_add_([t.step for t in tensors], 1)
+        torch._foreach_add_([t.importance_step for t in tensors], 1)
+    packed: dict[tuple[float, float], Tensor] = {}  # tensors at the same step share their scalars
     scalars = []
     for i, t in enumerate(tensors):
-        t.step += 1
-        t.importance_step += 1
-        scalars.append(_scalars(t, hyper, grad_scale))
+        key = (float(t.step), float(t.importance_step))
+        if key not in packed:
+            packed[key] = _scalars(*key, hyper, grad_scale)
+        scalars.append(packed[key])
         if t.param.numel() == 0:
             counted[i] = thr.histogram_of_bins(torch.zeros(0, dtype=torch.int32, device=t.param.device))
         elif has_gate[i] and not t.threshold_known:  # first pass: this step's scores set the gate
@@ -241,7 +245,7 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
             counted[i] = thr.histogram_of_bins(out, t.user_mask)
     gates, per_unit = gate_thresholds(tensors, histograms, hyper)
     device = tensors[0].param.device if tensors else torch.device("cpu")
-    totals = torch.zeros(3, dtype=torch.int64, device=device)
+    counts_per_tensor = [torch.zeros(3, dtype=torch.int64, device=device)]
     for i, t in enumerate(tensors):
         if t.param.numel() == 0:
             continue
@@ -257,9 +261,10 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
         )
         if out is not None:
             counted[i] = thr.histogram_of_bins(out, t.user_mask)
-        totals += counts
+        counts_per_tensor.append(counts)
     for t, following in zip(tensors, next_thresholds(tensors, histograms, hyper)):
         if following is not None:
             t.threshold.copy_(following)
+    totals = torch.stack(counts_per_tensor).sum(0)
     elements = torch.tensor(sum(t.param.numel() for t in tensors), device=device)
     return GroupStats(elements=elements, updated=totals[0], frozen=totals[1], skipped=totals[2], thresholds=per_unit)
