@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from masked_optim import threshold as thr
-from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, next_thresholds
+from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, next_thresholds, units
 from masked_optim.reference import DELTA, importance_signal, math_dtype
 
 # index of each value in the packed scalar tensor; products and differences of hyper-parameters
@@ -79,7 +79,7 @@ def importance_pass(param, grad, importance, anchor, scalars, bins_out, *, kind,
 
 def fused_step(
     param, grad, exp_avg, exp_avg_sq, importance, anchor, anchor_param, user_mask, threshold, scalars, bins_out,
-    *, kind, skip, scaled, maximize, gate, soft, pull, update_importance,
+    *, kind, skip, scaled, maximize, gate, soft, pull, update_importance, high_weight,
 ):
     """One tensor's whole step in place, score bins into ``bins_out`` if given; returns the
     counts [updated, frozen, skipped]."""
@@ -97,9 +97,11 @@ def fused_step(
     if pull:
         weight = (anchor.to(dtype) * scalars[LR_MU].to(dtype)).clamp(max=1.0)
         pulled = theta.lerp(anchor_param.to(dtype), weight)
-    # lerp's own formula for weights < 0.5 without its per-element branch, and a multiply by the
-    # reciprocal bias correction: ~5% of a CPU step, within a unit in the last place of torch's
-    m = exp_avg + (g - exp_avg) * scalars[ONE_MINUS_BETA1].to(dtype)
+    # torch's lerp with its branch (|weight| < 0.5 or not) taken on the host, not per element,
+    # and a multiply by the reciprocal bias correction: ~5% of a CPU step, within a unit in the
+    # last place of torch's
+    weight = scalars[ONE_MINUS_BETA1].to(dtype)
+    m = g - (g - exp_avg) * (1 - weight) if high_weight else exp_avg + (g - exp_avg) * weight
     v = exp_avg_sq * scalars[BETA2].to(dtype) + g * g * scalars[ONE_MINUS_BETA2].to(dtype)
     denom = v.sqrt() * (1.0 / scalars[BC2_SQRT]).to(dtype) + scalars[EPS].to(dtype)
     if soft:  # the reference's per-element learning rate lr*c
@@ -138,8 +140,8 @@ def _counts(numel, moving, k, live, written):
     def count(flag):
         return (flag | never).sum(dtype=accumulate).to(torch.int64)
 
-    total = torch.full((), numel, dtype=torch.int64)
-    zero = torch.zeros((), dtype=torch.int64)
+    total = torch.full((), numel, dtype=torch.int64, device=written.device)
+    zero = torch.zeros((), dtype=torch.int64, device=written.device)
     skipped = zero if live is None else count(~live)
     frozen = zero if k is None else count(~k)
     if moving is None:
@@ -152,7 +154,7 @@ def _counts(numel, moving, k, live, written):
 
 
 #: one compiled variant per combination of feature flags (and sizes 1 and n): more than
-#: dynamo's default of 8 per function, so calls raise the limit locally
+#: dynamo's default of 8 per function, so ``step_group`` raises the limit while it runs
 RECOMPILE_LIMIT = 64
 
 
@@ -220,6 +222,15 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     protect = hyper.mask == "protect"
     flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
     has_gate = [hyper.density < 1.0 and not (protect and t.anchor is None) for t in tensors]
+    # a unit whose threshold may be unknown derives it from this step's scores of all its gated
+    # tensors, so if any of them lacks a known threshold (a new param, a grad that appears late,
+    # set_mask) every one of them takes the first pass
+    first_pass = [False] * len(tensors)
+    for unit in units(tensors, hyper.scope):
+        gated = [i for i in unit if has_gate[i]]
+        if not all(tensors[i].threshold_known for i in gated):
+            for i in gated:
+                first_pass[i] = True
     # each tensor's histogram is counted right after the pass that bins its scores, so that one
     # scratch buffer serves every tensor
     counted: list[Optional[Tensor]] = [None] * len(tensors)
@@ -236,7 +247,7 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
         scalars.append(packed[key])
         if t.param.numel() == 0:
             counted[i] = thr.histogram_of_bins(torch.zeros(0, dtype=torch.int32, device=t.param.device))
-        elif has_gate[i] and not t.threshold_known:  # first pass: this step's scores set the gate
+        elif first_pass[i]:  # this step's scores set the gate
             out = _bins_scratch(t.param.device, t.param.numel())
             _compiled("importance_pass")(
                 _flat(t.param), _flat(t.grad), _flat(t.importance), _flat(t.anchor), scalars[i], out,
@@ -257,7 +268,7 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
             gate=("protect" if protect else "select") if has_gate[i] else None,
             soft=t.anchor is not None and hyper.protect_strength != 0.0,
             pull=t.anchor is not None and t.anchor_param is not None and hyper.anchor_decay != 0.0,
-            update_importance=not prepassed, **flags,
+            update_importance=not prepassed, high_weight=abs(1.0 - hyper.beta1) >= 0.5, **flags,
         )
         if out is not None:
             counted[i] = thr.histogram_of_bins(out, t.user_mask)

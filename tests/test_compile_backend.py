@@ -8,7 +8,7 @@ from tests.tolerances import assert_close
 SHAPES = ((1,), (4097,), (123, 431), (0,), (33, 7))
 
 
-def _twin(dtype, groups, **options):
+def _twin(dtype, groups, backend="compile", **options):
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
     ref = [p.detach().clone().requires_grad_() for p in ours]
@@ -17,7 +17,7 @@ def _twin(dtype, groups, **options):
         split = [{"params": params[:2], **groups[0]}, {"params": params[2:], **groups[1]}]
         return MaskedAdamW(split, lr=1e-2, backend=backend, **options)
 
-    return ours, ref, build(ours, "compile"), build(ref, "torch")
+    return ours, ref, build(ours, backend), build(ref, "torch")
 
 
 def _grads(params, twins, gen, nonfinite=False):
@@ -181,4 +181,45 @@ def test_compile_with_user_masks_matches_reference():
         if step == 1:
             opt.consolidate()
             ref_opt.consolidate()
+    _compare(ours, ref, opt, ref_opt)
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.9])
+def test_compile_first_moment_matches_reference_for_every_beta1(beta1):
+    """torch's lerp changes formula at weight 0.5 (beta1 0.5): with beta1 = 0, m must be g
+    exactly, even after a step whose grads were 1e8 times larger."""
+    ours, ref, opt, ref_opt = _twin(torch.float32, [dict(), dict(density=0.5)], betas=(beta1, 0.999))
+    gen = torch.Generator().manual_seed(4)
+    for scale in (1e3, 1e-5, 1.0):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen) * scale
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref_opt.step()
+    _compare(ours, ref, opt, ref_opt)
+
+
+@pytest.mark.parametrize("backend", ["compile", "triton"])
+@pytest.mark.parametrize("mask", ["select", "protect"])
+def test_group_scope_with_tensors_joining_late(mask, backend):
+    """A unit (scope="group") whose tensors disagree on having a known threshold: one param's
+    grad appears only at the third step, another gets a user mask mid-run (the Triton kernel
+    under the interpreter here)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    ours, ref, opt, ref_opt = _twin(torch.float32, [dict(density=0.5, scope="group", mask=mask)] * 2, backend=backend)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(7):
+        _grads(ours, ref, gen)
+        if step < 2:
+            ours[2].grad = ref[2].grad = None
+        if step in (1, 3):  # the second time every param has state (and so an anchor)
+            opt.consolidate()
+            ref_opt.consolidate()
+        if step == 4:
+            mask_ = torch.rand(ours[4].shape, generator=gen) < 0.6
+            opt.set_mask(ours[4], mask_)
+            ref_opt.set_mask(ref[4], mask_.clone())
+        opt.step()
+        ref_opt.step()
     _compare(ours, ref, opt, ref_opt)
