@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     GPT2_SMALL_SHAPES, Case, bytes_per_element, copy_bandwidth, interleaved_medians, make_optimizer, make_params,
+    synchronize,
 )
 from masked_optim import MaskedAdamW  # noqa: E402
 
@@ -73,42 +74,51 @@ def implementations(device: str, case: Case, tiny: bool) -> list[str]:
 
 def correctness(device: str, tiny: bool) -> dict:
     """Triton vs the reference on the device: several steps on a multi-tensor set, eagerly and
-    (fp32) through ``torch.compile(opt.step, fullgraph=True)``, i.e. the ``torch.library`` op."""
+    (fp32) through ``torch.compile(opt.step, fullgraph=True)``, i.e. the ``torch.library`` op.
+    A configuration that raises is reported with its error; the run goes on."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(1,), (4097,), (123, 431), (0,), (1000, 100)] if not tiny else [(1,), (513,), (37, 11)]
     report = {}
     for dtype, compiled, gate_block in ((torch.float32, False, 1), (torch.bfloat16, False, 1), (torch.float32, True, 1), (torch.float32, False, 32)):
-        ours = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
-        ref = [p.detach().clone().requires_grad_() for p in ours]
-        opts = dict(lr=1e-2, density=0.3, anchor_decay=5.0, protect_strength=1.0, gate_block=gate_block)
-        if compiled:
-            opts["lr"] = torch.tensor(1e-2, device=device)
-        a, b = MaskedAdamW(ours, backend="triton", **opts), MaskedAdamW(ref, backend="torch", **{**opts, "lr": 1e-2})
-        step_a = torch.compile(a.step, fullgraph=True) if compiled else a.step
-        gate_mismatch = 0
-        for step in range(6):
-            mine, theirs = [p.detach().clone() for p in ours], [q.detach().clone() for q in ref]
-            for p, q in zip(ours, ref):
-                g = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
-                p.grad, q.grad = g, g.clone()
-            step_a()
-            b.step()
-            if step == 2:
-                a.consolidate()
-                b.consolidate()
-            if dtype == torch.float32:
-                moved = [(p.detach() != x, q.detach() != y) for p, q, x, y in zip(ours, ref, mine, theirs)]
-                gate_mismatch += sum(int((a != b).sum()) for a, b in moved)
-        error = max(
-            (float(((p.detach().float() - q.detach().float()).abs() / (q.detach().float().abs() + 1e-6)).max()) if p.numel() else 0.0)
-            for p, q in zip(ours, ref)
-        )
         name = str(dtype) + (" torch.compile" if compiled else "") + (f" gate_block={gate_block}" if gate_block > 1 else "")
-        report[name] = dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
+        try:
+            report[name] = _check(device, dtype, compiled, gate_block, shapes, gen)
+        except Exception as error:  # noqa: BLE001 - recorded, and the smoke test fails on it
+            print(f"  correctness {name} FAILED: {type(error).__name__}: {error}", file=sys.stderr)
+            report[name] = dict(error=f"{type(error).__name__}: {error}"[:2000])
     return report
 
 
-def run_case(case: Case, device: str, repeats: int, tiny: bool) -> list[dict]:
+def _check(device, dtype, compiled, gate_block, shapes, gen) -> dict:
+    ours = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = dict(lr=1e-2, density=0.3, anchor_decay=5.0, protect_strength=1.0, gate_block=gate_block)
+    if compiled:
+        opts["lr"] = torch.tensor(1e-2, device=device)
+    a, b = MaskedAdamW(ours, backend="triton", **opts), MaskedAdamW(ref, backend="torch", **{**opts, "lr": 1e-2})
+    step_a = torch.compile(a.step, fullgraph=True) if compiled else a.step
+    gate_mismatch = 0
+    for step in range(6):
+        mine, theirs = [p.detach().clone() for p in ours], [q.detach().clone() for q in ref]
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+            p.grad, q.grad = g, g.clone()
+        step_a()
+        b.step()
+        if step == 2:
+            a.consolidate()
+            b.consolidate()
+        if dtype == torch.float32:
+            moved = [(p.detach() != x, q.detach() != y) for p, q, x, y in zip(ours, ref, mine, theirs)]
+            gate_mismatch += sum(int((x != y).sum()) for x, y in moved)
+    error = max(
+        (float(((p.detach().float() - q.detach().float()).abs() / (q.detach().float().abs() + 1e-6)).max()) if p.numel() else 0.0)
+        for p, q in zip(ours, ref)
+    )
+    return dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
+
+
+def run_case(case: Case, device: str, repeats: int, tiny: bool, failures: list[dict]) -> list[dict]:
     impls = implementations(device, case, tiny)
     optimizers, params = {}, {}
     fns = {}
@@ -123,6 +133,14 @@ def run_case(case: Case, device: str, repeats: int, tiny: bool) -> list[dict]:
         if impl == "masked_triton_compiled":
             torch._dynamo.reset()  # each optimizer is a new variant of the one step code object
             fns[impl] = torch.compile(optimizers[impl].step, fullgraph=True)
+        try:  # one step first: an implementation that fails is reported, not the end of the run
+            fns[impl]()
+            synchronize(device)
+        except Exception as error:  # noqa: BLE001 - any failure of one impl is data, not a crash
+            print(f"  FAILED {impl}: {type(error).__name__}: {error}", file=sys.stderr)
+            failures.append(dict(case=case.name, dtype=str(case.dtype), density=case.density, impl=impl,
+                                 error=f"{type(error).__name__}: {error}"[:2000]))
+            del fns[impl]
     medians = interleaved_medians(fns, device, repeats)
     rows = []
     for impl, seconds in medians.items():
@@ -160,12 +178,13 @@ def main() -> None:
     torch._dynamo.reset()
     result["copy_gbps"] = copy_bandwidth(device, 1 << 12 if args.tiny else (1 << 24 if device == "cpu" else 1 << 28))
     result["rows"] = []
+    result["failures"] = []
     for case in cases(args.tiny, device):
         if time.monotonic() - started > args.budget_s:
             result.setdefault("skipped_cases", []).append(f"{case.name} {case.dtype} {case.density}")
             continue
         print(f"{case.name} {case.dtype} density {case.density} ...", file=sys.stderr, flush=True)
-        for row in run_case(case, device, repeats, args.tiny):
+        for row in run_case(case, device, repeats, args.tiny, result["failures"]):
             row["fraction_of_copy"] = row["gbps"] / result["copy_gbps"]
             result["rows"].append(row)
     path = os.path.join(args.outdir, "results.json")
@@ -195,6 +214,8 @@ def print_table(result: dict) -> None:
             f"{row['case']:<22} {row['dtype']:<8} {row['density']:>4} {row['impl']:<20} {row['seconds'] * 1e3:>9.3f}"
             f" {row['gbps']:>8.1f} {100 * row['fraction_of_copy']:>6.1f} {row.get('ratio_to_torch_adamw_fused', float('nan')):>8.2f}"
         )
+    for failure in result.get("failures", []):
+        print(f"FAILED {failure['case']} {failure['dtype']} {failure['density']} {failure['impl']}: {failure['error'][:200]}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ from masked_optim.reference import DELTA, importance_signal, math_dtype
  ONE_MINUS_BETA_S, INV_S_CORRECTION, INV_SCALE, LAMBDA, LR_MU) = range(16)
 
 
-def _scalars(step: float, importance_step: float, hyper: GroupHyper, grad_scale: Optional[Tensor]) -> Tensor:
+def _scalars(
+    step: float, importance_step: float, hyper: GroupHyper, grad_scale: Optional[Tensor], device: torch.device
+) -> Tensor:
     lr = float(hyper.lr)
     bias_correction1 = 1 - hyper.beta1**step
     values = [
@@ -39,7 +41,7 @@ def _scalars(step: float, importance_step: float, hyper: GroupHyper, grad_scale:
         1.0 / (1.0 - hyper.importance_beta**importance_step), 1.0, hyper.protect_strength,
         lr * hyper.anchor_decay,
     ]
-    packed = torch.tensor(values, dtype=torch.float64)
+    packed = torch.tensor(values, dtype=torch.float64, device=device)  # beside the params: no mixed devices
     if grad_scale is not None:
         packed[INV_SCALE] = grad_scale.double().reciprocal().float().double()
     return packed
@@ -238,12 +240,12 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     if tensors:  # one call per counter list, not two per tensor
         torch._foreach_add_([t.step for t in tensors], 1)
         torch._foreach_add_([t.importance_step for t in tensors], 1)
-    packed: dict[tuple[float, float], Tensor] = {}  # tensors at the same step share their scalars
+    packed: dict[tuple[float, float, torch.device], Tensor] = {}  # tensors at the same step share their scalars
     scalars = []
     for i, t in enumerate(tensors):
-        key = (float(t.step), float(t.importance_step))
+        key = (float(t.step), float(t.importance_step), t.param.device)
         if key not in packed:
-            packed[key] = _scalars(*key, hyper, grad_scale)
+            packed[key] = _scalars(key[0], key[1], hyper, grad_scale, t.param.device)
         scalars.append(packed[key])
         if t.param.numel() == 0:
             counted[i] = thr.histogram_of_bins(torch.zeros(0, dtype=torch.int32, device=t.param.device))
