@@ -118,6 +118,12 @@ def _check(device, dtype, compiled, gate_block, shapes, gen) -> dict:
     return dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
 
 
+def _failed(failures: list[dict], case: Case, impl: str, error: Exception) -> None:
+    print(f"  FAILED {impl}: {type(error).__name__}: {error}", file=sys.stderr)
+    failures.append(dict(case=case.name, dtype=str(case.dtype), density=case.density, impl=impl,
+                         error=f"{type(error).__name__}: {error}"[:2000]))
+
+
 def run_case(case: Case, device: str, repeats: int, tiny: bool, failures: list[dict]) -> list[dict]:
     impls = implementations(device, case, tiny)
     optimizers, params = {}, {}
@@ -133,15 +139,22 @@ def run_case(case: Case, device: str, repeats: int, tiny: bool, failures: list[d
         if impl == "masked_triton_compiled":
             torch._dynamo.reset()  # each optimizer is a new variant of the one step code object
             fns[impl] = torch.compile(optimizers[impl].step, fullgraph=True)
-        try:  # one step first: an implementation that fails is reported, not the end of the run
-            fns[impl]()
+        try:  # three steps first (steps 2 and 3 build variants step 1 does not): an implementation
+            for _ in range(3):  # that fails is reported, not the end of the run
+                fns[impl]()
             synchronize(device)
         except Exception as error:  # noqa: BLE001 - any failure of one impl is data, not a crash
-            print(f"  FAILED {impl}: {type(error).__name__}: {error}", file=sys.stderr)
-            failures.append(dict(case=case.name, dtype=str(case.dtype), density=case.density, impl=impl,
-                                 error=f"{type(error).__name__}: {error}"[:2000]))
+            _failed(failures, case, impl, error)
             del fns[impl]
-    medians = interleaved_medians(fns, device, repeats)
+    try:
+        medians = interleaved_medians(fns, device, repeats)
+    except Exception:  # noqa: BLE001 - time them one by one to find the one that fails
+        medians = {}
+        for impl, fn in fns.items():
+            try:
+                medians.update(interleaved_medians({impl: fn}, device, repeats))
+            except Exception as error:  # noqa: BLE001
+                _failed(failures, case, impl, error)
     rows = []
     for impl, seconds in medians.items():
         model = bytes_per_element(impl, case.dtype, density=case.density)
@@ -172,9 +185,11 @@ def main() -> None:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name(),
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-        tiny=args.tiny, repeats=repeats,
+        tiny=args.tiny, repeats=repeats, complete=False,
     )
+    path = os.path.join(args.outdir, "results.json")
     result["correctness"] = correctness(device, args.tiny)
+    _write(result, path)
     torch._dynamo.reset()
     result["copy_gbps"] = copy_bandwidth(device, 1 << 12 if args.tiny else (1 << 24 if device == "cpu" else 1 << 28))
     result["rows"] = []
@@ -187,11 +202,17 @@ def main() -> None:
         for row in run_case(case, device, repeats, args.tiny, result["failures"]):
             row["fraction_of_copy"] = row["gbps"] / result["copy_gbps"]
             result["rows"].append(row)
-    path = os.path.join(args.outdir, "results.json")
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=1)
+        _write(result, path)  # after every case: a run cut short keeps what it measured
+    result["complete"] = True
+    _write(result, path)
     print_table(result)
     print(f"wrote {path}")
+
+
+def _write(result: dict, path: str) -> None:
+    with open(path + ".tmp", "w") as handle:
+        json.dump(result, handle, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _cpu_name() -> str:

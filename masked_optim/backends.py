@@ -8,9 +8,14 @@ import shutil
 import torch
 
 
+#: looked up once: ``find_spec`` inside a ``torch.compile``-traced step is only understood by
+#: Dynamo from torch 2.13 on (a traced ``opt.step`` with the triton backend reaches this check)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_runs_on(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton kernels can run on ``device``, and why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return False, "triton is not installed"
     if device.type == "cuda":
         return (True, "") if torch.cuda.is_available() else (False, "CUDA is not available")

@@ -14,7 +14,7 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
-    assert result["failures"] == [], result["failures"]  # the script reports a failing impl and goes on
+    assert result["complete"] and result["failures"] == [], result["failures"]  # the script reports a failing impl and goes on
     for dtype, check in result["correctness"].items():
         assert "error" not in check and check["gate_mismatches"] == 0 and check["max_relative_param_error"] < 1e-3, (dtype, check)
     impls = {row["impl"] for row in result["rows"]}
