@@ -24,5 +24,9 @@ test: dev
 bench: dev
 	$(BIN)/python -m pytest benchmarks -q
 
+# on a lent CUDA machine with torch and triton preinstalled (no venv, no network): OUT=dir make gpu
+gpu:
+	bash benchmarks/gpu_session.sh $(or $(OUT),benchmarks/results/gpu)
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,4 +1,5 @@
-"""CI smoke test of the one-call GPU script: a tiny run on the CPU (Triton interpreter)."""
+"""CI smoke test of the one-call GPU session (benchmarks/gpu_session.sh -> gpu_run.py and the GPU
+tests): a tiny run on the CPU, Triton in its interpreter."""
 import json
 import os
 import subprocess
@@ -8,8 +9,9 @@ import sys
 def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
+    env["PYTHON"] = sys.executable  # the session script, as a lent GPU machine runs it
     done = subprocess.run(
-        [sys.executable, "benchmarks/gpu_run.py", str(tmp_path), "--tiny", "--device", "cpu", "--repeats", "1"],
+        ["bash", "benchmarks/gpu_session.sh", str(tmp_path), "--tiny", "--device", "cpu", "--repeats", "1"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -22,4 +24,7 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
             "masked_triton_blocks"} <= impls
     assert {"torch.float32 torch.compile", "torch.float32 gate_block=32"} <= set(result["correctness"])
     assert all(row["seconds"] > 0 and row["bytes_per_element"] > 0 for row in result["rows"])
-    assert "copy bandwidth" in done.stdout and done.stdout.rstrip().endswith("results.json")
+    log = (tmp_path / "gpu_run.log").read_text()
+    assert "copy bandwidth" in log and "wrote" in log and "gpu_run.py exit status 0" in log
+    assert "gpu tests exit status 0" in (tmp_path / "gpu_tests.log").read_text()
+    assert (tmp_path / "versions.txt").read_text().strip()
