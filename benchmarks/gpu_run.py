@@ -84,8 +84,8 @@ def correctness(device: str, tiny: bool) -> dict:
         try:
             report[name] = _check(device, dtype, compiled, gate_block, shapes, gen)
         except Exception as error:  # noqa: BLE001 - recorded, and the smoke test fails on it
-            print(f"  correctness {name} FAILED: {type(error).__name__}: {error}", file=sys.stderr)
-            report[name] = dict(error=f"{type(error).__name__}: {error}"[:2000])
+            print(f"  correctness {name} FAILED: {_describe(error)}", file=sys.stderr)
+            report[name] = dict(error=_describe(error))
     return report
 
 
@@ -118,10 +118,13 @@ def _check(device, dtype, compiled, gate_block, shapes, gen) -> dict:
     return dict(max_relative_param_error=error, gate_mismatches=gate_mismatch)
 
 
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
 def _failed(failures: list[dict], case: Case, impl: str, error: Exception) -> None:
-    print(f"  FAILED {impl}: {type(error).__name__}: {error}", file=sys.stderr)
-    failures.append(dict(case=case.name, dtype=str(case.dtype), density=case.density, impl=impl,
-                         error=f"{type(error).__name__}: {error}"[:2000]))
+    print(f"  FAILED {impl}: {_describe(error)}", file=sys.stderr)
+    failures.append(dict(case=case.name, dtype=str(case.dtype), density=case.density, impl=impl, error=_describe(error)))
 
 
 def run_case(case: Case, device: str, repeats: int, tiny: bool, failures: list[dict]) -> list[dict]:

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from masked_optim import threshold as thr
-from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, next_thresholds, units
+from masked_optim.functional import (
+    GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, next_thresholds,
+)
 from masked_optim.reference import DELTA, importance_signal, math_dtype
 
 # index of each value in the packed scalar tensor; products and differences of hyper-parameters
@@ -223,15 +225,14 @@ def step_group(
 def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor]) -> GroupStats:
     protect = hyper.mask == "protect"
     flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
-    has_gate = [hyper.density < 1.0 and not (protect and t.anchor is None) for t in tensors]
+    has_gate = gated(tensors, hyper)
     # a unit whose threshold may be unknown derives it from this step's scores of all its gated
     # tensors, so if any of them lacks a known threshold (a new param, a grad that appears late,
     # set_mask) every one of them takes the first pass
     first_pass = [False] * len(tensors)
-    for unit in units(tensors, hyper.scope):
-        gated = [i for i in unit if has_gate[i]]
-        if not all(tensors[i].threshold_known for i in gated):
-            for i in gated:
+    for members in gated_units(tensors, has_gate, hyper.scope):
+        if not all(tensors[i].threshold_known for i in members):
+            for i in members:
                 first_pass[i] = True
     # each tensor's histogram is counted right after the pass that bins its scores, so that one
     # scratch buffer serves every tensor

@@ -137,9 +137,20 @@ def units(tensors: list[TensorState], scope: str) -> list[list[int]]:
     return [[index] for index in range(len(tensors))]
 
 
-def _gated_units(tensors: list[TensorState], histograms: list, scope: str) -> list[list[int]]:
-    units_ = ([i for i in unit if histograms[i] is not None] for unit in units(tensors, scope))
+def gated(tensors: list[TensorState], hyper: GroupHyper) -> list[bool]:
+    """Which tensors have a density gate this step: density < 1, and for ``protect`` an anchor."""
+    protect = hyper.mask == "protect"
+    return [hyper.density < 1.0 and not (protect and t.anchor is None) for t in tensors]
+
+
+def gated_units(tensors: list[TensorState], is_gated: list[bool], scope: str) -> list[list[int]]:
+    """The gated members of each unit (see ``units``); units without one are left out."""
+    units_ = ([i for i in unit if is_gated[i]] for unit in units(tensors, scope))
     return [members for members in units_ if members]
+
+
+def _gated_units(tensors: list[TensorState], histograms: list, scope: str) -> list[list[int]]:
+    return gated_units(tensors, [histogram is not None for histogram in histograms], scope)
 
 
 def _derive(tensors: list[TensorState], members: list[int], histograms: list, hyper: GroupHyper) -> Tensor:

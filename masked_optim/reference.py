@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from masked_optim import threshold as thr
-from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, next_thresholds
+from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, gated, next_thresholds
 
 #: select's score is s / (a + DELTA); the anchor has mean 1 per unit.
 DELTA = 1e-3
@@ -146,15 +146,14 @@ def step_group(
 ) -> Optional[GroupStats]:
     """One MaskedAdamW step of one param group, in place. Returns device-side counts."""
     lr = _value(hyper.lr)
-    gated = hyper.density < 1.0
     protect = hyper.mask == "protect"
     grads, lives, scores = [], [], []
-    for t in tensors:
+    for t, has_gate in zip(tensors, gated(tensors, hyper)):
         t.step += 1
         g = unscaled_grad(t, hyper, grad_scale)
         live = live_elements(g, hyper)
         update_importance(t, g, live, hyper)
-        if not gated or (protect and t.anchor is None):
+        if not has_gate:
             score = None
         else:
             score = t.anchor.float() if protect else select_score(t, hyper.importance_beta)

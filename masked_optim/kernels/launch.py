@@ -19,7 +19,8 @@ from torch import Tensor
 
 from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum
-from masked_optim.functional import GroupHyper, TensorState, units
+from masked_optim import functional
+from masked_optim.functional import GroupHyper, TensorState
 from masked_optim.kernels import layout, stats, tables
 from masked_optim.kernels.finish_kernel import _finish_step_kernel
 from masked_optim.kernels.step_kernel import _masked_adamw_kernel, _score_histogram_kernel
@@ -140,8 +141,8 @@ def step_group(
     options = _compile_options(device)
     gated = hyper.density < 1.0
     protect = hyper.mask == "protect"
-    scored = [gated and not (protect and t.anchor is None) for t in tensors]
-    unit_members = [members for members in ([i for i in unit if scored[i]] for unit in units(tensors, hyper.scope)) if members]
+    scored = functional.gated(tensors, hyper)
+    unit_members = functional.gated_units(tensors, scored, hyper.scope)
     unit_of = [-1] * len(tensors)
     for index, members in enumerate(unit_members):
         for i in members:
