@@ -170,9 +170,11 @@ def _compiled_function(name: str):
     return torch.compile(function, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
-#: tensors smaller than this run the same function eagerly: no speed to gain, and no compiled
-#: variant to build for them (dynamo specialises sizes 0 and 1)
-MIN_COMPILED_NUMEL = 4096
+#: single-element tensors run the same function eagerly: Dynamo specialises size 1, so each
+#: would build a variant of its own. Anything larger is compiled: even at 768 elements the
+#: compiled step takes a third of the eager one's ~60 small ops (GPT-2's 86 bias and norm
+#: tensors: 4.8 ms a step instead of 12.9 ms on 2 cores)
+MIN_COMPILED_NUMEL = 2
 
 
 def _compiled(name: str):

@@ -93,17 +93,45 @@ def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
     ``select``: an element is updated when ``bin >= threshold`` (the top ``density`` of scores).
     ``protect``: an element is updated when ``bin < threshold`` (all but the top ``1 - density``
     of the anchor); the threshold is at least 1, so elements with anchor 0 (bin 0) always move.
-    Ties between candidate thresholds go to the one that updates more elements.
-    ``hist`` may carry leading batch dimensions (``[units, NUM_BINS]``): one threshold per row.
+    Ties between candidate thresholds go to the lower one (select: more elements update;
+    protect: fewer, more of the anchor is kept). ``hist`` may carry leading batch dimensions (``[units, NUM_BINS]``): one threshold per row.
+
+    The rule is ``argmin_b |updated(b) - density * total|`` in float64 (first minimum), with
+    ``updated(b)`` the elements a threshold ``b`` in ``[0, NUM_BINS]`` updates. ``updated`` is
+    monotone in ``b``, so the minimum is one of two candidates around the target, found by
+    binary search: one pass over the bins (a cumulative sum) instead of seven; ``tests/
+    test_threshold.py`` holds the rule written out as the yardstick.
     """
-    counts = hist.to(torch.float64)
-    total = counts.sum(-1, keepdim=True)
-    below = torch.cat([counts.new_zeros(*counts.shape[:-1], 1), torch.cumsum(counts, -1)], -1)  # below[b] = #bins < b
-    updated = below if protect else total - below
-    error = (updated - density * total).abs()
-    if protect:
-        error[..., 0] = float("inf")
-    return torch.argmin(error, dim=-1)
+    cumulative = torch.cumsum(hist, -1, dtype=torch.int64)  # below(b) = cumulative[b - 1], below(0) = 0
+    total = cumulative[..., -1:]
+    target = density * total.to(torch.float64)
+    last = cumulative.shape[-1]  # the largest threshold: nothing is >= it
+
+    def below(b: Tensor) -> Tensor:  # elements in bins < b
+        return torch.where(b > 0, cumulative.gather(-1, (b - 1).clamp(min=0)), 0)
+
+    def first_at_least(count: Tensor) -> Tensor:  # first b with below(b) >= count
+        return torch.where(count > 0, torch.searchsorted(cumulative, count) + 1, 0)
+
+    def error(updated: Tensor) -> Tensor:
+        return (updated.to(torch.float64) - target).abs()
+
+    # below(b) is an integer: below(b) >= target exactly when below(b) >= ceil(target)
+    ceiling = target.ceil().to(torch.int64)
+    if protect:  # updated(b) = below(b), non-decreasing; b >= 1
+        # first b >= 1 updating at least the target, and the start of the plateau before it
+        upper = first_at_least(ceiling).clamp(min=1)
+        lower = first_at_least(below((upper - 1).clamp(min=1))).clamp(min=1)
+        pick_lower = (lower < upper) & (error(below(lower)) <= error(below(upper)))
+    else:  # updated(b) = total - below(b), non-increasing
+        # the start of the plateau of the last b updating at least the target, and the b after it
+        # (the last b with below(b) <= total - target is the first with more, minus one)
+        more = torch.where(total - ceiling < 0, 0, torch.searchsorted(cumulative, total - ceiling, right=True) + 1)
+        at_least = more - 1
+        lower = first_at_least(below(at_least))
+        upper = (at_least + 1).clamp(max=last)
+        pick_lower = (upper == at_least) | (error(total - below(lower)) <= error(total - below(upper)))
+    return torch.where(pick_lower, lower, upper).squeeze(-1)
 
 
 def gate(bins: Tensor, threshold: Tensor, protect: bool) -> Tensor:

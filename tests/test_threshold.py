@@ -90,3 +90,55 @@ def test_bins_are_monotone_in_value():
 def test_threshold_value_reports_bin_edge():
     assert thr.threshold_value(int(thr.score_bins(torch.tensor(1.0)))) == 1.0
     assert thr.threshold_value(thr.UNKNOWN) != thr.threshold_value(thr.UNKNOWN)  # NaN
+
+
+def _threshold_bin_by_scan(hist: torch.Tensor, density: float, protect: bool) -> torch.Tensor:
+    """The rule written out (the yardstick): the first b in [0, NUM_BINS] minimising, in float64,
+    |updated(b) - density * total|, where updated(b) counts the bins >= b (select) or < b
+    (protect, b >= 1)."""
+    counts = hist.to(torch.float64)
+    total = counts.sum(-1, keepdim=True)
+    below = torch.cat([counts.new_zeros(*counts.shape[:-1], 1), torch.cumsum(counts, -1)], -1)
+    updated = below if protect else total - below
+    error = (updated - density * total).abs()
+    if protect:
+        error[..., 0] = float("inf")
+    return torch.argmin(error, dim=-1)
+
+
+def _random_histograms(gen: torch.Generator, rows: int, style: str) -> torch.Tensor:
+    hist = torch.zeros(rows, thr.NUM_BINS, dtype=torch.int64)
+    for row in hist:
+        filled = int(torch.randint(0, 40, (), generator=gen))
+        span = {"spread": thr.NUM_BINS, "low": 8, "three": 3}[style]
+        bins = torch.randint(0, span, (filled,), generator=gen)
+        # counts of 1-2 make candidate thresholds tie often
+        row.index_add_(0, bins, torch.randint(1, 3 if style == "three" else 1000, (filled,), generator=gen))
+    return hist
+
+
+@pytest.mark.parametrize("protect", [False, True], ids=["select", "protect"])
+@pytest.mark.parametrize("style", ["spread", "low", "three"])
+def test_threshold_bin_is_the_rule(style, protect):
+    """The binary-search threshold equals the rule's scan on random, empty, sparse and tied
+    histograms, one unit at a time and batched, int64 and int32 (the Triton histogram)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{style}{protect}".encode()))
+    densities = [1.0, 0.5, 0.25, 1e-6, 0.999] + torch.rand(40, generator=gen).tolist()
+    for density in densities:
+        hist = _random_histograms(gen, 4, style)
+        hist[0] = 0 if density == 1.0 else hist[0]  # an empty unit
+        expected = _threshold_bin_by_scan(hist, density, protect)
+        assert torch.equal(thr.threshold_bin(hist, density, protect), expected), density
+        assert torch.equal(thr.threshold_bin(hist.to(torch.int32), density, protect), expected), density
+        for row, want in zip(hist, expected):
+            got = thr.threshold_bin(row, density, protect)
+            assert got.shape == () and got.dtype == torch.int64 and int(got) == int(want), density
+
+
+def test_threshold_bin_tie_goes_to_the_lower_threshold():
+    hist = torch.zeros(thr.NUM_BINS, dtype=torch.int64)
+    hist[[3, 7]] = 1  # two elements: a target of 0.5 or 1.5 is 0.5 off two candidates
+    assert int(thr.threshold_bin(hist, 0.25, protect=False)) == 4  # bins >= 4: 1 (not 0)
+    assert int(thr.threshold_bin(hist, 0.75, protect=False)) == 0  # all 2 (not 1)
+    assert int(thr.threshold_bin(hist, 0.25, protect=True)) == 1  # bins < 1: 0 (not 1), b >= 1
+    assert int(thr.threshold_bin(hist, 0.75, protect=True)) == 4  # bins < 4: 1 (not 2)
