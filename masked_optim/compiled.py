@@ -165,9 +165,16 @@ RECOMPILE_LIMIT = 64
 @functools.lru_cache(maxsize=None)
 def _compiled_function(name: str):
     function = {"fused_step": fused_step, "importance_pass": importance_pass}[name]
-    # emulate_precision_casts: round a bf16 importance before scoring it, as stored (and as
-    # the reference does); Inductor would otherwise score the unrounded fp32 value
-    return torch.compile(function, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+    return torch.compile(function, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
+
+
+#: emulate_precision_casts: round a bf16 importance before scoring it, as stored (and as the
+#: reference does); Inductor would otherwise score the unrounded fp32 value.
+#: cpp.dynamic_threads: every loop gets an OpenMP scope and the runtime splits it. Otherwise
+#: Inductor decides at compile time from the size it first sees (a hint, not a guard): a
+#: variant first compiled for a small tensor (or loaded from the on-disk cache, which ignores
+#: hints) runs a 16M-element step's counting reduction on one thread, 1.4x slower.
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True, "cpp.dynamic_threads": True}
 
 
 #: single-element tensors run the same function eagerly: Dynamo specialises size 1, so each

@@ -223,3 +223,31 @@ def test_group_scope_with_tensors_joining_late(mask, backend):
         opt.step()
         ref_opt.step()
     _compare(ours, ref, opt, ref_opt)
+
+
+def test_compiled_loops_stay_parallel_after_a_small_first_tensor():
+    """Inductor picks a loop's threads from the size it first compiles for (a hint, and the
+    on-disk cache ignores hints): the step's loops, its counting reduction included, must keep
+    an OpenMP scope when the first tensor is small, or a 16M-element step runs serially."""
+    from torch._inductor.utils import run_and_get_code
+
+    from masked_optim import compiled
+    from masked_optim.functional import GroupHyper
+
+    n = 64  # below Inductor's 512 elements a thread
+    tensors = [torch.randn(n) for _ in range(5)]
+    param, grad, exp_avg, exp_avg_sq, importance = tensors
+    exp_avg_sq.abs_()
+    group = MaskedAdamW([torch.zeros(1)]).param_groups[0]
+    scalars = compiled._scalars(1.0, 1.0, GroupHyper.from_group(group), None, param.device)
+    step = compiled._compiled_function.__wrapped__("fused_step")  # a fresh compiled function
+    with torch._inductor.config.patch(force_disable_caches=True):
+        _, sources = run_and_get_code(
+            step, param, grad, exp_avg, exp_avg_sq, importance, None, None, None, None, scalars, None,
+            kind="fisher", skip=True, scaled=False, maximize=False, gate=None, soft=False, pull=False,
+            update_importance=True, high_weight=False,
+        )
+    kernels = [part for source in sources for part in source.split('extern "C"')[1:]]
+    assert kernels, "no C++ kernel generated"
+    for kernel in kernels:
+        assert "#pragma omp parallel" in kernel, kernel[:400]
