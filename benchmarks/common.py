@@ -32,9 +32,9 @@ def bytes_per_element(impl: str, param_dtype: torch.dtype, anchor: bool = False,
     written once), as in PERF.md's table. With block gates (``masked_triton_blocks``) param and
     moments are read and written only in gated-on blocks: a ``density`` fraction."""
     p = torch.finfo(param_dtype).bits // 8
+    if impl.startswith("torch_adamw"):  # its m and v take the param's dtype: 14 B for bf16
+        return 7 * p  # read p g m v, write p m v (grads in param dtype)
     moments = 8  # fp32 m and v
-    if impl.startswith("torch_adamw"):
-        return 2 * p + p + 2 * moments  # read p g m v, write p m v (grads in param dtype)
     if impl == "masked_triton_blocks":  # read g s (a), write s; p m v (theta*) both ways where on
         return p + 2 * importance_bytes + (importance_bytes if anchor else 0) + density * (2 * p + 2 * moments + (p if pull else 0))
     read = p + p + moments + importance_bytes + (importance_bytes if anchor else 0) + (p if pull else 0)

@@ -224,7 +224,7 @@ def _cpu_name() -> str:
             model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or "cpu"
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def print_table(result: dict) -> None:

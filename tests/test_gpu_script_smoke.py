@@ -28,3 +28,20 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     assert "copy bandwidth" in log and "wrote" in log and "gpu_run.py exit status 0" in log
     assert "gpu tests exit status 0" in (tmp_path / "gpu_tests.log").read_text()
     assert (tmp_path / "versions.txt").read_text().strip()
+
+
+def test_bytes_model_matches_perf_table():
+    """The modelled bytes behind every GB/s figure: docs/PERF.md's table, and torch's AdamW
+    keeping its moments in the param's dtype (a bf16 step moves 14 B, not 22)."""
+    import torch
+
+    from benchmarks.common import bytes_per_element
+
+    assert bytes_per_element("torch_adamw_fused", torch.float32) == 28
+    assert bytes_per_element("torch_adamw_foreach", torch.bfloat16) == 14
+    assert bytes_per_element("masked_triton", torch.float32) == 36
+    assert bytes_per_element("masked_triton", torch.float32, anchor=True) == 40
+    assert bytes_per_element("masked_triton", torch.float32, anchor=True, pull=True) == 44
+    assert bytes_per_element("masked_triton", torch.float32, importance_bytes=2) == 32
+    assert bytes_per_element("masked_compile", torch.bfloat16, importance_bytes=2) == 26
+    assert bytes_per_element("masked_triton_blocks", torch.float32, density=0.1) == 12 + 24 * 0.1
