@@ -173,7 +173,7 @@ def _compiled_function(name: str):
 #: cpp.dynamic_threads: every loop gets an OpenMP scope and the runtime splits it. Otherwise
 #: Inductor decides at compile time from the size it first sees (a hint, not a guard): a
 #: variant first compiled for a small tensor (or loaded from the on-disk cache, which ignores
-#: hints) runs a 16M-element step's counting reduction on one thread, 1.4x slower.
+#: hints) runs a 16M-element step's counting reduction on one thread (21 ms instead of 13 ms).
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True, "cpp.dynamic_threads": True}
 
 
