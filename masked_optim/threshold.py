@@ -94,7 +94,8 @@ def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
     ``protect``: an element is updated when ``bin < threshold`` (all but the top ``1 - density``
     of the anchor); the threshold is at least 1, so elements with anchor 0 (bin 0) always move.
     Ties between candidate thresholds go to the lower one (select: more elements update;
-    protect: fewer, more of the anchor is kept). ``hist`` may carry leading batch dimensions (``[units, NUM_BINS]``): one threshold per row.
+    protect: fewer, more of the anchor is kept). ``hist`` may carry leading batch dimensions
+    (``[units, NUM_BINS]``): one threshold per row.
 
     The rule is ``argmin_b |updated(b) - density * total|`` in float64 (first minimum), with
     ``updated(b)`` the elements a threshold ``b`` in ``[0, NUM_BINS]`` updates. ``updated`` is
@@ -124,10 +125,9 @@ def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
         lower = first_at_least(below((upper - 1).clamp(min=1))).clamp(min=1)
         pick_lower = (lower < upper) & (error(below(lower)) <= error(below(upper)))
     else:  # updated(b) = total - below(b), non-increasing
-        # the start of the plateau of the last b updating at least the target, and the b after it
-        # (the last b with below(b) <= total - target is the first with more, minus one)
-        more = torch.where(total - ceiling < 0, 0, torch.searchsorted(cumulative, total - ceiling, right=True) + 1)
-        at_least = more - 1
+        # the start of the plateau of the last b updating at least the target, and the b after it;
+        # that b is the last with below(b) <= total - ceil(target) (>= 0, so b = 0 qualifies)
+        at_least = torch.searchsorted(cumulative, total - ceiling, right=True)
         lower = first_at_least(below(at_least))
         upper = (at_least + 1).clamp(max=last)
         pick_lower = (upper == at_least) | (error(total - below(lower)) <= error(total - below(upper)))
