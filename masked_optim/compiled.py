@@ -5,7 +5,8 @@ function that ``torch.compile`` (Inductor) turns into a single vectorised loop o
 Hyper-parameters and per-step values (lr, bias corrections, ...) arrive packed in one float64
 tensor, so a scheduler changing lr never recompiles; feature flags (importance kind, gate mode,
 anchor present, ...) are Python values and compile one variant each. Score bins are written as
-int32 into a reused buffer and counted by ``torch.bincount`` for the next step's threshold. A
+int32 into a reused buffer and counted (``cpu_histogram`` on the CPU, ``torch.bincount``
+elsewhere) for the next step's threshold. A
 step whose threshold is not known yet runs a first compiled pass that only updates the
 importance and bins the scores.
 The step's counts (updated, frozen, non-finite skipped) are reductions fused into the same loop.
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from masked_optim import cpu_histogram
 from masked_optim import threshold as thr
 from masked_optim.functional import (
     GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, next_thresholds,
@@ -210,6 +212,14 @@ def _bins_scratch(device: torch.device, numel: int) -> Tensor:
     return buffer[:numel]
 
 
+def _histogram(bins: Tensor, where: Optional[Tensor]) -> Tensor:
+    """The histogram of a tensor's score bins: on the CPU a C++ loop ~2.5x faster than
+    ``torch.bincount`` (``cpu_histogram``), elsewhere ``torch.bincount``."""
+    if bins.device.type == "cpu":
+        return cpu_histogram.histogram_of_bins(bins, where)
+    return thr.histogram_of_bins(bins, where)
+
+
 def _flat(tensor: Optional[Tensor]) -> Optional[Tensor]:
     if tensor is None:
         return None
@@ -265,7 +275,7 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
                 _flat(t.param), _flat(t.grad), _flat(t.importance), _flat(t.anchor), scalars[i], out,
                 protect=protect, **flags,
             )
-            counted[i] = thr.histogram_of_bins(out, t.user_mask)
+            counted[i] = _histogram(out, t.user_mask)
     gates, per_unit = gate_thresholds(tensors, histograms, hyper)
     device = tensors[0].param.device if tensors else torch.device("cpu")
     counts_per_tensor = [torch.zeros(3, dtype=torch.int64, device=device)]
@@ -283,7 +293,7 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
             update_importance=not prepassed, high_weight=abs(1.0 - hyper.beta1) >= 0.5, **flags,
         )
         if out is not None:
-            counted[i] = thr.histogram_of_bins(out, t.user_mask)
+            counted[i] = _histogram(out, t.user_mask)
         counts_per_tensor.append(counts)
     for t, following in zip(tensors, next_thresholds(tensors, histograms, hyper)):
         if following is not None:

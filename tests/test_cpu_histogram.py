@@ -1,0 +1,42 @@
+"""The compile backend's CPU histogram (a C++ loop) against torch.bincount."""
+import pytest
+import torch
+
+from masked_optim import cpu_histogram
+from masked_optim import threshold as thr
+
+
+@pytest.mark.parametrize("numel", [0, 1, 2, 3, 4097, 1 << 20])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
+def test_matches_bincount(numel, masked):
+    gen = torch.Generator().manual_seed(numel)
+    # scores of a real step: few bins hold most elements, runs of equal bins
+    bins = thr.score_bins(torch.exp(torch.randn(numel, generator=gen) * 0.5 - 8))
+    bins[: numel // 3] = torch.randint(0, thr.NUM_BINS, (numel // 3,), generator=gen, dtype=torch.int32)
+    bins[numel // 2 : numel // 2 + 50] = thr.NUM_BINS - 1  # the last bin, in a run
+    where = torch.rand(numel, generator=gen) < 0.3 if masked else None
+    expected = thr.histogram_of_bins(bins, where)
+    got = cpu_histogram.histogram_of_bins(bins, where)
+    assert got.dtype == torch.int64 and got.shape == (thr.NUM_BINS,)
+    assert torch.equal(got, expected)
+
+
+def test_where_of_the_param_shape():
+    gen = torch.Generator().manual_seed(1)
+    bins = torch.randint(0, thr.NUM_BINS, (37, 11), generator=gen, dtype=torch.int32)
+    where = torch.rand(37, 11, generator=gen) < 0.5
+    assert torch.equal(cpu_histogram.histogram_of_bins(bins.view(-1), where), thr.histogram_of_bins(bins.view(-1), where))
+
+
+@pytest.mark.parametrize(
+    "bins, where, message",
+    [
+        (torch.zeros(8, dtype=torch.int64), None, "int32"),
+        (torch.zeros(8, 2, dtype=torch.int32).t(), None, "contiguous"),
+        (torch.zeros(8, dtype=torch.int32), torch.ones(7, dtype=torch.bool), "as many elements"),
+        (torch.zeros(8, dtype=torch.int32), torch.ones(8, dtype=torch.int32), "bool"),
+    ],
+)
+def test_bad_input_is_refused(bins, where, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_histogram.histogram_of_bins(bins, where)
