@@ -18,9 +18,12 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+import threading
 from typing import Optional
 
 import torch
@@ -33,7 +36,7 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 
-extern "C" void masked_optim_histogram(const int32_t* bins, const bool* allowed, int64_t n,
+extern "C" void masked_optim_histogram(const int32_t* bins, const uint8_t* allowed, int64_t n,
                                        int64_t num_bins, int64_t* out) {
     const uint32_t mask = static_cast<uint32_t>(num_bins - 1);  // num_bins is a power of two
     std::vector<uint32_t> tables(2 * num_bins, 0);
@@ -48,10 +51,10 @@ extern "C" void masked_optim_histogram(const int32_t* bins, const bool* allowed,
         for (; i < n; ++i) even[static_cast<uint32_t>(bins[i]) & mask]++;
     } else {
         for (; i + 1 < n; i += 2) {
-            even[static_cast<uint32_t>(bins[i]) & mask] += allowed[i];
-            odd[static_cast<uint32_t>(bins[i + 1]) & mask] += allowed[i + 1];
+            even[static_cast<uint32_t>(bins[i]) & mask] += allowed[i] != 0;
+            odd[static_cast<uint32_t>(bins[i + 1]) & mask] += allowed[i + 1] != 0;
         }
-        for (; i < n; ++i) even[static_cast<uint32_t>(bins[i]) & mask] += allowed[i];
+        for (; i < n; ++i) even[static_cast<uint32_t>(bins[i]) & mask] += allowed[i] != 0;
     }
     for (int64_t b = 0; b < num_bins; ++b) out[b] = static_cast<int64_t>(even[b]) + odd[b];
 }
@@ -61,34 +64,59 @@ extern "C" void masked_optim_histogram(const int32_t* bins, const bool* allowed,
 MAX_NUMEL = 2**32 - 1
 
 
-def _compiler() -> str:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        raise RuntimeError("backend='compile' needs a C++ compiler (set CXX, or install c++/g++)")
-    return compiler
+def _compiler() -> list[str]:
+    """The compiler command: ``$CXX`` (may carry a launcher, e.g. ``ccache g++``), else c++/g++."""
+    if os.environ.get("CXX"):
+        command = shlex.split(os.environ["CXX"])
+        if not command or shutil.which(command[0]) is None:
+            raise RuntimeError(f"CXX={os.environ['CXX']!r} names no executable (the compile backend builds its histogram with it)")
+        return command
+    found = shutil.which("c++") or shutil.which("g++")
+    if not found:
+        raise RuntimeError("backend='compile' needs a C++ compiler: set CXX, or install c++/g++")
+    return [found]
+
+
+def _private_directory() -> str:
+    """``$TMPDIR/masked_optim_<uid>``, refused unless it is a real directory of this user that no
+    one else can write: a library loaded from it runs in this process."""
+    directory = os.path.join(tempfile.gettempdir(), f"masked_optim_{os.getuid()}")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    status = os.lstat(directory)  # lstat: a link someone else owns could be repointed later
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o022:
+        raise RuntimeError(f"{directory} must be a directory (not a link) of this user, writable by no one else")
+    return directory
+
+
+_BUILD_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
+    with _BUILD_LOCK:  # threads of one process build once; processes each build a whole file
+        return _load_or_build()
+
+
+def _load_or_build() -> ctypes.CDLL:
     compiler = _compiler()
     flags = ["-O3", "-shared", "-fPIC", "-std=c++17"]
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags]).encode()).hexdigest()[:20]
-    directory = os.path.join(tempfile.gettempdir(), f"masked_optim_{os.getuid()}")
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    status = os.stat(directory)
-    if status.st_uid != os.getuid() or status.st_mode & 0o022:  # never load a library others could plant
-        raise RuntimeError(f"{directory} must belong to this user and be writable by no one else")
+    key = hashlib.sha256("\0".join([_SOURCE, *compiler, *flags]).encode()).hexdigest()[:20]
+    directory = _private_directory()
     path = os.path.join(directory, f"histogram_{key}.so")
     if not os.path.exists(path):
-        source = os.path.join(directory, f"histogram_{key}.{os.getpid()}.cpp")
-        building = f"{path}.{os.getpid()}.tmp"
-        with open(source, "w") as handle:
-            handle.write(_SOURCE)
-        done = subprocess.run([compiler, *flags, source, "-o", building], capture_output=True, text=True)
-        os.remove(source)
-        if done.returncode != 0:
-            raise RuntimeError(f"building the CPU histogram with {compiler} failed:\n{done.stderr[-2000:]}")
-        os.replace(building, path)  # atomic: processes building at once each finish a whole file
+        handle, source = tempfile.mkstemp(suffix=".cpp", dir=directory)
+        building = source[: -len(".cpp")] + ".so.tmp"
+        try:
+            with os.fdopen(handle, "w") as file:
+                file.write(_SOURCE)
+            done = subprocess.run([*compiler, *flags, source, "-o", building], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"building the CPU histogram with {' '.join(compiler)} failed:\n{done.stderr[-2000:]}")
+            os.replace(building, path)  # atomic: a concurrent process finds a whole file or none
+        finally:
+            for leftover in (source, building):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
     library = ctypes.CDLL(path)
     function = library.masked_optim_histogram
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -100,15 +128,20 @@ def histogram_of_bins(bins: Tensor, where: Optional[Tensor] = None) -> Tensor:
     """int64 counts over ``NUM_BINS`` of contiguous int32 CPU ``bins`` (those where ``where``,
     a bool tensor of as many elements, is true): ``threshold.histogram_of_bins``, faster."""
     if bins.device.type != "cpu" or bins.dtype != torch.int32 or not bins.is_contiguous():
-        raise ValueError(f"cpu_histogram needs contiguous int32 CPU bins, got {bins.dtype} on {bins.device}")
+        raise ValueError(
+            f"bins must be a contiguous int32 CPU tensor, got {bins.dtype} on {bins.device}"
+            f" (contiguous: {bins.is_contiguous()})"
+        )
     if bins.numel() > MAX_NUMEL:
-        raise ValueError(f"cpu_histogram counts at most {MAX_NUMEL} elements a call, got {bins.numel()}")
+        raise ValueError(f"bins: at most {MAX_NUMEL} elements a call, got {bins.numel()}")
     allowed = None
     if where is not None:
-        allowed = where.reshape(-1)
-        if allowed.dtype != torch.bool or allowed.numel() != bins.numel() or allowed.device != bins.device:
-            raise ValueError("cpu_histogram: where must be a bool CPU tensor with as many elements as bins")
-        allowed = allowed.contiguous()
+        if where.dtype != torch.bool or where.numel() != bins.numel() or where.device != bins.device:
+            raise ValueError(
+                f"where must be a bool tensor on {bins.device} with {bins.numel()} elements (as bins), "
+                f"got {where.dtype} on {where.device} with {where.numel()}"
+            )
+        allowed = where.reshape(-1).contiguous()  # kept alive through the call
     out = torch.empty(NUM_BINS, dtype=torch.int64)
     _library().masked_optim_histogram(
         bins.data_ptr(), None if allowed is None else allowed.data_ptr(), bins.numel(), NUM_BINS, out.data_ptr(),

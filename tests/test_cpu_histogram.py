@@ -1,4 +1,6 @@
-"""The compile backend's CPU histogram (a C++ loop) against torch.bincount."""
+"""The compile backend's CPU histogram (a C++ loop) against torch.bincount, and its build."""
+import os
+
 import pytest
 import torch
 
@@ -33,10 +35,62 @@ def test_where_of_the_param_shape():
     [
         (torch.zeros(8, dtype=torch.int64), None, "int32"),
         (torch.zeros(8, 2, dtype=torch.int32).t(), None, "contiguous"),
-        (torch.zeros(8, dtype=torch.int32), torch.ones(7, dtype=torch.bool), "as many elements"),
+        (torch.zeros(8, dtype=torch.int32), torch.ones(7, dtype=torch.bool), "with 8 elements"),
         (torch.zeros(8, dtype=torch.int32), torch.ones(8, dtype=torch.int32), "bool"),
     ],
 )
 def test_bad_input_is_refused(bins, where, message):
     with pytest.raises(ValueError, match=message):
         cpu_histogram.histogram_of_bins(bins, where)
+
+
+def test_strided_where():
+    """A strided 1-D mask (a view ``reshape`` keeps) is read in its logical order."""
+    gen = torch.Generator().manual_seed(2)
+    bins = torch.randint(0, thr.NUM_BINS, (1001,), generator=gen, dtype=torch.int32)
+    where = (torch.rand(2002, generator=gen) < 0.5)[::2]
+    assert not where.is_contiguous()
+    assert torch.equal(cpu_histogram.histogram_of_bins(bins, where), thr.histogram_of_bins(bins, where))
+
+
+def _fresh_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_histogram.tempfile, "tempdir", str(tmp_path))
+    cpu_histogram._library.cache_clear()
+
+
+def test_threads_building_at_once(monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _fresh_build(monkeypatch, tmp_path)
+    bins = torch.randint(0, thr.NUM_BINS, (999,), dtype=torch.int32)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: cpu_histogram.histogram_of_bins(bins), range(4)))
+    finally:
+        cpu_histogram._library.cache_clear()
+    for result in results:
+        assert torch.equal(result, thr.histogram_of_bins(bins))
+    (directory,) = tmp_path.iterdir()
+    assert [p.suffix for p in directory.iterdir()] == [".so"]  # no leftover source or partial file
+
+
+def test_a_directory_others_can_write_is_refused(monkeypatch, tmp_path):
+    _fresh_build(monkeypatch, tmp_path)
+    directory = tmp_path / f"masked_optim_{os.getuid()}"
+    directory.mkdir(mode=0o777)
+    directory.chmod(0o777)
+    try:
+        with pytest.raises(RuntimeError, match="writable by no one else"):
+            cpu_histogram.histogram_of_bins(torch.zeros(4, dtype=torch.int32))
+    finally:
+        cpu_histogram._library.cache_clear()
+
+
+def test_a_cxx_that_is_no_program_is_named(monkeypatch, tmp_path):
+    _fresh_build(monkeypatch, tmp_path)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    try:
+        with pytest.raises(RuntimeError, match="CXX='/nonexistent/g\\+\\+'"):
+            cpu_histogram.histogram_of_bins(torch.zeros(4, dtype=torch.int32))
+    finally:
+        cpu_histogram._library.cache_clear()
