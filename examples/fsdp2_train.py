@@ -185,5 +185,5 @@ if __name__ == "__main__":
     # Collect reference cycles while the interpreter is alive: one that still holds a gloo
     # process group would otherwise be freed at interpreter teardown, where its worker
     # threads abort the process ("terminate called without an active exception"): 6 of 44
-    # runs on a busy 2-core machine, none of 40 with this line.
+    # runs on a busy 2-core machine, none of 80 with this line.
     gc.collect()

@@ -33,7 +33,6 @@ from masked_optim.threshold import NUM_BINS
 
 _SOURCE = r"""
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 extern "C" void masked_optim_histogram(const int32_t* bins, const uint8_t* allowed, int64_t n,
