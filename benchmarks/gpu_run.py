@@ -42,7 +42,7 @@ from masked_optim import MaskedAdamW  # noqa: E402
 
 
 def cases(tiny: bool, device: str) -> list[Case]:
-    if tiny:  # under 4096 elements per tensor: the compile backend runs eagerly, no compile cost
+    if tiny:  # a few thousand elements per tensor: the interpreter's Triton kernels stay quick
         sizes = [3000]
         gpt = [(s[0] // 256 + 1,) + s[1:] for s in GPT2_SMALL_SHAPES[:6]]
     elif device == "cpu":  # 2 cores, 24 GiB: PERF.md's CPU point is 16M fp32

@@ -37,7 +37,8 @@ def resolve(name: str, device: torch.device, numel: int = 0, gate_block: int = 1
     ``"auto"`` takes the Triton kernel on CUDA when it can run there; on the CPU it takes the
     ``compile`` backend for groups of at least ``AUTO_COMPILE_MIN_NUMEL`` elements when a C++
     compiler is present (Inductor needs one) and the group has element gates (``gate_block``
-    1), else the reference. ``"triton"`` raises
+    1), else the reference (the optimizer also takes the reference for a group with a param
+    that is not dense, which the compile backend cannot step). ``"triton"`` raises
     RuntimeError, naming the device, where Triton cannot run.
     """
     if name in ("torch", "compile"):

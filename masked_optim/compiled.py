@@ -25,12 +25,14 @@ from masked_optim import threshold as thr
 from masked_optim.functional import (
     GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, next_thresholds,
 )
+from masked_optim.layouts import in_param_layout, is_dense, memory_order_view, same_layout
 from masked_optim.reference import DELTA, importance_signal, math_dtype
 
 # index of each value in the packed scalar tensor; products and differences of hyper-parameters
 # are formed in double on the host, exactly as the reference's Python-float arithmetic does
 (LR, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, WD, DECAY, STEP_SIZE, BC1, BC2_SQRT, BETA_S,
  ONE_MINUS_BETA_S, INV_S_CORRECTION, INV_SCALE, LAMBDA, LR_MU) = range(16)
+_SCALARS = 16
 
 
 def _scalars(
@@ -159,15 +161,17 @@ def _counts(numel, moving, k, live, written):
     return torch.stack([updated, frozen, skipped])
 
 
-#: one compiled variant per combination of feature flags (and sizes 1 and n): more than
-#: dynamo's default of 8 per function, so ``step_group`` raises the limit while it runs
-RECOMPILE_LIMIT = 64
+#: one compiled variant per combination of feature flags and dtypes: a hyper-parameter sweep in
+#: one process builds dozens (about six per configuration), far more than Dynamo's default of 8
+#: per function (and, with fullgraph, a hard failure past it), so ``step_group`` lifts the
+#: per-function and the process-wide limits while it runs; each variant costs its compile
+#: time once, and a new one is compiled before a step changes anything (``_prepare``)
+RECOMPILE_LIMIT = 1 << 16
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_function(name: str):
-    function = {"fused_step": fused_step, "importance_pass": importance_pass}[name]
-    return torch.compile(function, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
+    return torch.compile(_FUNCTIONS[name], dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
 
 
 #: emulate_precision_casts: round a bf16 importance before scoring it, as stored (and as the
@@ -187,7 +191,7 @@ MIN_COMPILED_NUMEL = 2
 
 
 def _compiled(name: str):
-    eager = {"fused_step": fused_step, "importance_pass": importance_pass}[name]
+    eager = _FUNCTIONS[name]
 
     def call(*args, **kwargs):  # under step_group's raised recompile limit
         if args[0].numel() < MIN_COMPILED_NUMEL:
@@ -195,6 +199,30 @@ def _compiled(name: str):
         return _compiled_function(name)(*args, **kwargs)
 
     return call
+
+
+_FUNCTIONS = {"fused_step": fused_step, "importance_pass": importance_pass}
+#: positions of each function's param-sized arguments (the others: thresholds, scalars)
+_ELEMENTWISE = {"fused_step": (0, 1, 2, 3, 4, 5, 6, 7, 10), "importance_pass": (0, 1, 2, 3, 5)}
+#: the variants this process has compiled: (function, each argument's dtype, device and rank, options)
+_READY: set = set()
+
+
+def _prepare(name: str, args: tuple, kwargs: dict) -> None:
+    """Compile the variant a call needs on two-element stand-ins of its param-sized arguments,
+    unless this process has it already: a step then compiles every variant it needs before it
+    changes anything, so a compiler failure leaves nothing half-applied."""
+    if args[0].numel() < MIN_COMPILED_NUMEL:
+        return
+    key = (name, tuple(None if a is None else (a.dtype, a.device, a.dim()) for a in args), tuple(kwargs.items()))
+    if key in _READY:
+        return
+    stand_ins = [
+        None if a is None else torch.zeros(2, dtype=a.dtype, device=a.device) if index in _ELEMENTWISE[name] else a.clone()
+        for index, a in enumerate(args)
+    ]
+    _compiled_function(name)(*stand_ins, **kwargs)
+    _READY.add(key)
 
 
 #: one reused int32 buffer per device (and thread) for a tensor's score bins, grown to the
@@ -220,12 +248,28 @@ def _histogram(bins: Tensor, where: Optional[Tensor]) -> Tensor:
     return thr.histogram_of_bins(bins, where)
 
 
-def _flat(tensor: Optional[Tensor]) -> Optional[Tensor]:
-    if tensor is None:
-        return None
-    if not tensor.is_contiguous():
-        raise ValueError("backend='compile' needs contiguous params and state (got a non-contiguous tensor)")
-    return tensor.view(-1)
+_STATE_NAMES = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
+
+
+def _flat_inputs(t: TensorState) -> tuple[Optional[Tensor], ...]:
+    """One tensor's (param, grad, exp_avg, exp_avg_sq, importance, anchor, anchor_param,
+    user_mask) as 1-D views in the param's memory order, checked before the step changes
+    anything: any dense param layout steps (its state is created in the same layout); a grad
+    or user mask in another layout is copied into it."""
+    param = t.param
+    if not (param.is_contiguous() or is_dense(param)):
+        raise ValueError(f"backend='compile' needs dense params (any dimension order), got strides {param.stride()} "
+                         f"for shape {tuple(param.shape)}; use backend='torch'")
+    for name in _STATE_NAMES:
+        tensor = getattr(t, name)
+        if tensor is not None and not same_layout(tensor, param):
+            raise ValueError(f"backend='compile' needs {name} laid out like its param (shape {tuple(param.shape)}, "
+                             f"strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
+    grad = in_param_layout(t.grad, param)
+    mask = None if t.user_mask is None else in_param_layout(t.user_mask, param)
+    return tuple(None if x is None else memory_order_view(x) for x in (
+        param, grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask,
+    ))
 
 
 def step_group(
@@ -237,7 +281,7 @@ def step_group(
 ) -> Optional[GroupStats]:
     """One MaskedAdamW step of one param group through the compiled per-tensor loops."""
     # the limit is raised once per group step: patching Dynamo's config costs ~80 us a call
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
         return _step_group(tensors, hyper, grad_scale)
 
 
@@ -248,11 +292,34 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     # a unit whose threshold may be unknown derives it from this step's scores of all its gated
     # tensors, so if any of them lacks a known threshold (a new param, a grad that appears late,
     # set_mask) every one of them takes the first pass
+    flat = [_flat_inputs(t) for t in tensors]  # every check before anything changes
     first_pass = [False] * len(tensors)
     for members in gated_units(tensors, has_gate, hyper.scope):
         if not all(tensors[i].threshold_known for i in members):
             for i in members:
                 first_pass[i] = True
+    device = tensors[0].param.device if tensors else torch.device("cpu")
+    scalars_like = torch.zeros(_SCALARS, dtype=torch.float64, device=device)
+    threshold_like = torch.zeros((), dtype=torch.int64, device=device)
+    calls = []  # per tensor: the first pass's options (or None) and the step's
+    for i, t in enumerate(tensors):
+        first = dict(protect=protect, **flags) if first_pass[i] else None
+        step = dict(
+            gate=("protect" if protect else "select") if has_gate[i] else None,
+            soft=t.anchor is not None and hyper.protect_strength != 0.0,
+            pull=t.anchor is not None and t.anchor_param is not None and hyper.anchor_decay != 0.0,
+            update_importance=not first_pass[i], high_weight=abs(1.0 - hyper.beta1) >= 0.5, **flags,
+        )
+        binned = has_gate[i] and not first_pass[i] and not protect
+        calls.append((first, step, binned))
+        if t.param.numel() == 0:
+            continue
+        param, grad, _, _, importance, anchor, _, _ = flat[i]
+        bins_like = torch.zeros(0, dtype=torch.int32, device=device)
+        if first is not None:
+            _prepare("importance_pass", (param, grad, importance, anchor, scalars_like, bins_like), first)
+        gate_like = threshold_like if has_gate[i] else None
+        _prepare("fused_step", (*flat[i], gate_like, scalars_like, bins_like if binned else None), step)
     # each tensor's histogram is counted right after the pass that bins its scores, so that one
     # scratch buffer serves every tensor
     counted: list[Optional[Tensor]] = [None] * len(tensors)
@@ -269,31 +336,21 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
         scalars.append(packed[key])
         if t.param.numel() == 0:
             counted[i] = thr.histogram_of_bins(torch.zeros(0, dtype=torch.int32, device=t.param.device))
-        elif first_pass[i]:  # this step's scores set the gate
+        elif calls[i][0] is not None:  # this step's scores set the gate
             out = _bins_scratch(t.param.device, t.param.numel())
-            _compiled("importance_pass")(
-                _flat(t.param), _flat(t.grad), _flat(t.importance), _flat(t.anchor), scalars[i], out,
-                protect=protect, **flags,
-            )
-            counted[i] = _histogram(out, t.user_mask)
+            param, grad, _, _, importance, anchor, _, mask = flat[i]
+            _compiled("importance_pass")(param, grad, importance, anchor, scalars[i], out, **calls[i][0])
+            counted[i] = _histogram(out, mask)
     gates, per_unit = gate_thresholds(tensors, histograms, hyper)
-    device = tensors[0].param.device if tensors else torch.device("cpu")
     counts_per_tensor = [torch.zeros(3, dtype=torch.int64, device=device)]
     for i, t in enumerate(tensors):
         if t.param.numel() == 0:
             continue
-        prepassed = counted[i] is not None
-        out = _bins_scratch(t.param.device, t.param.numel()) if has_gate[i] and not prepassed and not protect else None
-        counts = _compiled("fused_step")(
-            _flat(t.param), _flat(t.grad), _flat(t.exp_avg), _flat(t.exp_avg_sq), _flat(t.importance),
-            _flat(t.anchor), _flat(t.anchor_param), _flat(t.user_mask), gates[i], scalars[i], out,
-            gate=("protect" if protect else "select") if has_gate[i] else None,
-            soft=t.anchor is not None and hyper.protect_strength != 0.0,
-            pull=t.anchor is not None and t.anchor_param is not None and hyper.anchor_decay != 0.0,
-            update_importance=not prepassed, high_weight=abs(1.0 - hyper.beta1) >= 0.5, **flags,
-        )
+        _, step, binned = calls[i]
+        out = _bins_scratch(t.param.device, t.param.numel()) if binned else None
+        counts = _compiled("fused_step")(*flat[i], gates[i], scalars[i], out, **step)
         if out is not None:
-            counted[i] = _histogram(out, t.user_mask)
+            counted[i] = _histogram(out, flat[i][7])
         counts_per_tensor.append(counts)
     for t, following in zip(tensors, next_thresholds(tensors, histograms, hyper)):
         if following is not None:

@@ -70,7 +70,7 @@ class GroupHyper:
     def from_group(cls, group: dict) -> "GroupHyper":
         beta1, beta2 = group["betas"]
         return cls(
-            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+            lr=group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), density=float(group["density"]),
             mask=group["mask"], importance=group["importance"],
             importance_beta=float(group["importance_beta"]),
@@ -90,6 +90,28 @@ class GroupStats:
     frozen: Tensor
     skipped: Tensor
     thresholds: list[Tensor] = field(default_factory=list)
+    #: a bool on the device, true while every step of the group so far was skipped by the
+    #: GradScaler (only for backends that do not read ``found_inf`` on the host); None: a step
+    #: was taken
+    never_taken: Optional[Tensor] = None
+
+
+def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: Tensor) -> GroupStats:
+    """The stats of the last step taken, chosen on the device (no host sync): ``current``'s
+    unless ``found_inf`` skipped this step, then ``previous``'s. Thresholds whose number changed
+    with the skipped step (options changed, first consolidate) are ``current``'s."""
+    skipped = found_inf.reshape(-1)[0] != 0
+    if previous is None:
+        return GroupStats(current.elements, current.updated, current.frozen, current.skipped, current.thresholds, skipped)
+    keep = [torch.where(skipped, old, new) for old, new in (
+        (previous.elements, current.elements), (previous.updated, current.updated),
+        (previous.frozen, current.frozen), (previous.skipped, current.skipped),
+    )]
+    thresholds = current.thresholds
+    if len(previous.thresholds) == len(thresholds):
+        thresholds = [torch.where(skipped, old, new) for old, new in zip(previous.thresholds, thresholds)]
+    never_taken = None if previous.never_taken is None else previous.never_taken & skipped
+    return GroupStats(*keep, thresholds=thresholds, never_taken=never_taken)
 
 
 def masked_adamw(

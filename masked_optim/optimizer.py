@@ -12,7 +12,8 @@ from masked_optim import backends, consolidation, functional
 from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
-from masked_optim.options import DEFAULTS, validate_group, validate_param
+from masked_optim.layouts import is_dense
+from masked_optim.options import DEFAULTS, _number, validate_group, validate_param
 from masked_optim.reference import math_dtype
 
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -29,6 +30,26 @@ def _real_mask(mask: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
     if mask is None or not param.is_complex():
         return mask
     return mask.unsqueeze(-1).expand(*mask.shape, 2)
+
+
+def _layout_like(key: str, param: Tensor) -> Optional[Tensor]:
+    """The tensor whose shape and memory layout state ``key`` of ``param`` has (None: free)."""
+    if key in ("exp_avg", "exp_avg_sq", "anchor_param"):
+        return param
+    if key in ("importance", "anchor"):
+        return _real(param)
+    return None
+
+
+def _restored(value: Tensor, like: Optional[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A loaded state tensor as this optimizer keeps it: its own copy, on the param's device,
+    in ``dtype``, laid out like ``like`` (a checkpoint may hold another layout, e.g. saved
+    while the param was channels_last)."""
+    if like is None or is_dtensor(like) or is_dtensor(value):
+        return value.to(device=device, dtype=dtype, copy=True)
+    restored = torch.empty_like(like, dtype=dtype)
+    restored.copy_(value)
+    return restored
 
 
 def _threshold_key(group: dict[str, Any]) -> float:
@@ -161,9 +182,13 @@ class MaskedAdamW(Optimizer):
             param_group = {**param_group, "importance_dtype": merged["importance_dtype"]}
         validate_group(merged)
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                            "tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
-        for param in params:
+        for param in params:  # (name, tensor) pairs, as from named_parameters(), are torch's to unpack
+            param = param[1] if isinstance(param, tuple) and len(param) == 2 and isinstance(param[0], str) else param
             validate_param(param)
             if merged["backend"] != "torch":
                 backends.resolve(merged["backend"], param.device)
@@ -190,24 +215,28 @@ class MaskedAdamW(Optimizer):
         if "step" in state and "importance_step" in state and "threshold" in state:
             return state  # the steady state: nothing to create
 
-        def counter() -> Tensor:
-            # the Triton kernels update the counters on the device (a GradScaler-skipped step
-            # must leave them unchanged without a host sync); the reference keeps them on the CPU
-            triton = backends.resolve(group["backend"], param.device) == "triton"
-            return torch.tensor(0.0, dtype=torch.float32, device=param.device if triton else None)
-
         if "step" not in state:
-            state["step"] = counter()
+            state["step"] = self._counter(param, group)
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros_like(param, dtype=self._state_dtype(key, param, group), memory_format=torch.preserve_format)
         if "importance" not in state:
             state["importance"] = torch.zeros_like(_real(param), dtype=self._importance_dtype(group))
-            state["importance_step"] = counter()
+            state["importance_step"] = self._counter(param, group)
         if "threshold" not in state:
             state["threshold"] = torch.full((), thr.UNKNOWN, dtype=torch.int64, device=param.device)
             state["threshold_for"] = -_threshold_key(group)
         return state
+
+    def _counter(self, param: Tensor, group: dict[str, Any], value: Any = 0.0) -> Tensor:
+        """A step counter (float32 scalar) holding ``value``. The Triton kernels update the
+        counters on the device (a GradScaler-skipped step must leave them unchanged without a
+        host sync); the other backends keep them on the CPU, like torch's AdamW."""
+        triton = backends.resolve(group["backend"], param.device) == "triton"
+        device = param.device if triton else torch.device("cpu")
+        if isinstance(value, Tensor):
+            return value.detach().to(device=device, dtype=torch.float32, copy=True).reshape(())
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
 
     def _create_state_entries(self, param: Tensor, keys: list[str]) -> None:
         """Placeholders (zeros, the right dtype and placement) for optional state entries that a
@@ -305,6 +334,8 @@ class MaskedAdamW(Optimizer):
                 stats.append(previous)
                 continue
             backend = backends.resolve(group["backend"], params[0].device, sum(t.param.numel() for t in tensors), group["gate_block"])
+            if backend == "compile" and group["backend"] == "auto" and not all(is_dense(t.param) for t in tensors):
+                backend = "torch"  # the compile backend steps dense params only
             result = functional.masked_adamw(
                 tensors, GroupHyper.from_group(group), backend=backend,
                 grad_scale=grad_scale, found_inf=found_inf,
@@ -312,6 +343,8 @@ class MaskedAdamW(Optimizer):
             if found_inf is None:  # under a scaler the step may have been skipped: keep the hint
                 for param in params:
                     self.state[param]["threshold_for"] = _threshold_key(group)
+            elif result is not None and backend == "triton":  # found_inf stays on the device
+                result = functional.last_taken(previous, result, found_inf)
             stats.append(result if result is not None else previous)
         self._last_stats[:] = stats  # in place: a compiled step replays list mutations
 
@@ -405,7 +438,7 @@ class MaskedAdamW(Optimizer):
         count_groups = [common_shard_groups(g["params"], i) for i, g in enumerate(self.param_groups)] if global_counts else []
         for index, group in enumerate(self.param_groups):
             stats = self._last_stats[index] if index < len(self._last_stats) else None
-            if stats is None:
+            if stats is None or stats.never_taken is not None and bool(stats.never_taken):
                 report.append(None)
                 continue
             counts = torch.stack([stats.elements, stats.updated, stats.frozen, stats.skipped]).to(torch.int64)
@@ -435,26 +468,71 @@ class MaskedAdamW(Optimizer):
         """Load state like :class:`torch.optim.Optimizer`, keeping this optimizer's state dtypes.
 
         ``Optimizer.load_state_dict`` casts floating state to the param's dtype (fp32 importance
-        of a bf16 param would come back bf16); here every state tensor is restored from the
-        checkpoint's original with the dtype it must have. A plain ``torch.optim.AdamW``
-        state_dict loads too: moments carry over, importance starts at zero.
+        of a bf16 param would come back bf16) and keeps a saved tensor's strides; here every
+        state tensor is restored from the checkpoint (as the load-state-dict pre-hooks left it)
+        with the dtype it must have, in its param's memory layout, before any post-hook runs.
+        Each group keeps this optimizer's ``backend`` (a choice for the machine, not training
+        state) and the options a checkpoint lacks. A ``torch.optim.AdamW`` state_dict loads
+        too: moments carry over, importance starts at zero. Refused before anything changes:
+        a checkpoint whose options are invalid here, one with AMSGrad state or Adam's coupled
+        (L2) weight decay, which MaskedAdamW would ignore or change, state tensors whose shape
+        is not their param's, and moments without a ``step``.
         """
-        originals = {pid: dict(state) for pid, state in state_dict["state"].items()}
+        loaded: dict[str, Any] = {}
+
+        def check(optimizer: Optimizer, hooked: dict[str, Any]) -> None:  # after every user pre-hook
+            loaded.update(self._check_checkpoint(hooked))
+
+        def restore(optimizer: Optimizer) -> None:  # before every user post-hook
+            self._restore_checkpoint(**loaded)
+
+        pre = self.register_load_state_dict_pre_hook(check)
+        post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _check_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Refuse a checkpoint this optimizer cannot continue from, before anything changes."""
         saved_groups = state_dict["param_groups"]
         current_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        for saved, current in zip(saved_groups, current_groups):  # refuse before changing anything
-            validate_group({**current, **{k: v for k, v in saved.items() if k != "params"}})
-        super().load_state_dict(state_dict)
+        for index, (saved, current) in enumerate(zip(saved_groups, current_groups)):
+            if saved.get("amsgrad"):
+                raise ValueError(f"Invalid checkpoint: param group {index} has amsgrad=True (MaskedAdamW has no "
+                                 "AMSGrad; its max_exp_avg_sq would be ignored)")
+            if saved.get("decoupled_weight_decay") is False and _number("weight_decay", saved.get("weight_decay", 0.0)) != 0.0:
+                raise ValueError(f"Invalid checkpoint: param group {index} has decoupled_weight_decay=False and "
+                                 f"weight_decay={saved['weight_decay']} (Adam's L2 decay; MaskedAdamW's decay is AdamW's)")
+            options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+            validate_group({**current, **options, "backend": current["backend"]})
+        originals = {pid: dict(state) for pid, state in state_dict["state"].items()}
+        for saved, group in zip(saved_groups, self.param_groups):
+            for pid, param in zip(saved["params"], group["params"]):
+                state = originals.get(pid, {})
+                if "step" not in state and any(key in state for key in ("exp_avg", "exp_avg_sq")):
+                    raise ValueError(f"Invalid checkpoint: the state of param {pid} has moments but no 'step'")
+                for key, value in state.items():
+                    like = _layout_like(key, param)
+                    if like is not None and isinstance(value, Tensor) and tuple(value.shape) != tuple(like.shape):
+                        raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] has shape {tuple(value.shape)}, "
+                                         f"its param {tuple(like.shape)}")
+        return dict(originals=originals, saved_groups=saved_groups, current_groups=current_groups)
+
+    def _restore_checkpoint(self, originals: dict, saved_groups: list, current_groups: list) -> None:
+        """Put back what ``Optimizer.load_state_dict`` changed: state dtypes and layouts, the
+        counters' device, this optimizer's backend and the options the checkpoint lacks."""
+        self._last_stats.clear()  # the stats of a step taken before the load describe nothing loaded
         for saved, current, group in zip(saved_groups, current_groups, self.param_groups):
             for key, value in current.items():  # options a foreign checkpoint lacks stay as set
                 if key not in saved:
                     group[key] = value
+            group["backend"] = current["backend"]
             for pid, param in zip(saved["params"], group["params"]):
                 for key, value in originals.get(pid, {}).items():
-                    if not isinstance(value, Tensor) or key == "step":
-                        continue
-                    if key == "importance_step":  # a host-side counter, like torch's "step"
-                        self.state[param][key] = value.clone()
-                        continue
-                    dtype = self._state_dtype(key, param, group) or value.dtype
-                    self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
+                    if key in ("step", "importance_step"):  # the saved value, not a copy cast to the param's dtype
+                        self.state[param][key] = self._counter(param, group, value)
+                    elif isinstance(value, Tensor):
+                        dtype = self._state_dtype(key, param, group) or value.dtype
+                        self.state[param][key] = _restored(value, _layout_like(key, param), param.device, dtype)

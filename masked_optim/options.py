@@ -5,6 +5,7 @@ Every check raises before anything is changed, with a message naming the argumen
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from torch import Tensor
@@ -46,7 +47,7 @@ def _number(name: str, value: Any, read_tensors: bool = True) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a float or a 1-element Tensor, got a Tensor of shape {tuple(value.shape)}")
         return float(value.detach().reshape(()).item()) if read_tensors else 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):  # numbers.Real: numpy scalars
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)
 
@@ -97,7 +98,7 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
     _choice("backend", group["backend"], BACKENDS)
     _choice("importance_dtype", group["importance_dtype"], IMPORTANCE_DTYPES)
     gate_block = group["gate_block"]
-    if isinstance(gate_block, bool) or not isinstance(gate_block, int) or not 1 <= gate_block <= MAX_GATE_BLOCK \
+    if isinstance(gate_block, bool) or not isinstance(gate_block, numbers.Integral) or not 1 <= gate_block <= MAX_GATE_BLOCK \
             or gate_block & (gate_block - 1):
         raise ValueError(f"Invalid gate_block: {gate_block!r} (must be a power of two in [1, {MAX_GATE_BLOCK}])")
     if gate_block > 1 and group["backend"] == "compile":

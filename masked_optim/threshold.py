@@ -21,10 +21,18 @@ BIN_SHIFT = 16
 UNKNOWN = -1
 
 
+#: the one bin of every NaN score (a canonical quiet NaN's), whatever its payload: backends
+#: and dtype conversions write NaN bits differently (torch's CPU bf16 NaN is 0xFFFF, Triton's
+#: 0x7FC0), which would otherwise put one NaN in bin 32767 here and 32704 there
+NAN_BIN = 0x7FC0
+
+
 def score_bins(score: Tensor) -> Tensor:
-    """Histogram bin of each score: the float32 bit pattern's top 16 bits without the sign."""
-    bits = score.to(torch.float32).contiguous().view(torch.int32)
-    return (bits >> BIN_SHIFT) & (NUM_BINS - 1)
+    """Histogram bin of each score: the float32 bit pattern's top 16 bits without the sign
+    (``NAN_BIN`` for every NaN)."""
+    score = score.to(torch.float32)
+    bits = score.contiguous().view(torch.int32)
+    return torch.where(score != score, NAN_BIN, (bits >> BIN_SHIFT) & (NUM_BINS - 1))
 
 
 def histogram(score: Tensor, where: Optional[Tensor] = None) -> Tensor:
@@ -55,8 +63,8 @@ def block_bins(bins: Tensor, allowed: Optional[Tensor], gate_block: int, like: T
     whatever their block's gate: they are counted apart, in bin 0, not in their block.
 
     Returns (block bins int64 [blocks], counts int64 [blocks], int64 count of the always-moving
-    bin-0 elements). The maximum is taken over bins, not scores, so NaN scores (bins above
-    +inf's) order alike in every backend.
+    bin-0 elements). The maximum is taken over bins, not scores, so NaN scores (``NAN_BIN``,
+    above +inf's bin) order alike in every backend.
     """
     order = memory_order(like)
     flat = bins.reshape(like.shape).permute(order).reshape(-1).to(torch.int64)

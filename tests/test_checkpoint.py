@@ -8,6 +8,7 @@ import torch
 
 from masked_optim import MaskedAdamW
 from tests.helpers import assert_bitwise_equal, lognormal_grads, snapshot
+from tests.tolerances import assert_close
 
 CONFIG = dict(lr=1e-2, weight_decay=0.05, density=0.3, anchor_decay=5.0, protect_strength=2.0)
 
@@ -115,18 +116,156 @@ def test_setstate_fills_options_missing_from_old_checkpoints():
 
 
 def test_checkpoint_whose_options_clash_with_the_optimizer_is_refused_before_any_change():
-    """An older checkpoint (no gate_block) of a backend="compile" group, loaded into an
-    optimizer with block gates, would make an invalid group: refused, nothing changed."""
+    """A checkpoint of block gates (gate_block 16, the reference backend) loaded into a
+    backend="compile" optimizer (which keeps its backend) would make an invalid group:
+    refused, nothing changed."""
     param = torch.nn.Parameter(torch.randn(64))
-    old = MaskedAdamW([param], backend="compile")
+    old = MaskedAdamW([param], backend="torch", gate_block=16, density=0.5)
     param.grad = torch.randn(64)
     old.step()
     saved = old.state_dict()
-    del saved["param_groups"][0]["gate_block"]
     target = torch.nn.Parameter(torch.randn(64))
-    opt = MaskedAdamW([target], gate_block=16, density=0.5)
+    opt = MaskedAdamW([target], backend="compile")
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=r"Invalid gate_block: 16 \(backend='compile'"):
         opt.load_state_dict(saved)
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["state"] == before["state"] == {}
+
+
+def _trained(dtype=torch.float32, steps=3, **options):
+    params, opt = _setup(dtype, **options)
+    _run(params, opt, torch.Generator().manual_seed(7), steps)
+    return params, opt
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, MaskedAdamW])
+def test_load_state_dict_hooks_take_effect(cls):
+    """A pre-hook's edited state dict is what loads, and a post-hook's change stays (as with
+    torch's optimizers): the dtype restoration runs between them."""
+    params, _ = _setup(torch.bfloat16)
+    source = cls(params, lr=1e-2)
+    _run(params, source, torch.Generator().manual_seed(8), 2)
+    target = cls(params, lr=1e-2)
+
+    def pre(optimizer, state_dict):
+        state = {pid: {**entry, "exp_avg": torch.full_like(entry["exp_avg"], 3.0)} for pid, entry in state_dict["state"].items()}
+        return {**state_dict, "state": state}
+
+    def post(optimizer):
+        for entry in optimizer.state.values():
+            entry["exp_avg_sq"] = torch.full_like(entry["exp_avg_sq"], 7.0)
+
+    target.register_load_state_dict_pre_hook(pre)
+    target.register_load_state_dict_post_hook(post)
+    target.load_state_dict(source.state_dict())
+    for p in params:
+        state = target.state[p]
+        assert (state["exp_avg"] == 3.0).all() and (state["exp_avg_sq"] == 7.0).all()
+        if cls is MaskedAdamW:
+            assert state["exp_avg"].dtype == torch.float32 and state["importance"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_state_saved_in_another_memory_layout_loads_in_the_params_layout(backend):
+    """State saved while a conv weight was channels_last, loaded for a contiguous one (and the
+    reverse): every param-shaped state tensor comes back in its param's layout, and the resumed
+    steps match the reference's."""
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(4, 3, 5, 5, generator=gen)
+    for saved_format, loaded_format in ((torch.channels_last, torch.contiguous_format), (torch.contiguous_format, torch.channels_last)):
+        source_param = torch.nn.Parameter(weight.clone().to(memory_format=saved_format))
+        source = MaskedAdamW([source_param], lr=1e-2, density=0.5, anchor_decay=2.0)
+        for step in range(3):
+            source_param.grad = torch.randn(weight.shape, generator=gen).to(memory_format=saved_format)
+            source.step()
+            if step == 0:
+                source.consolidate()
+        saved = _roundtrip(source.state_dict())
+        resumed = {}
+        for name in (backend, "torch"):
+            param = torch.nn.Parameter(source_param.detach().clone().to(memory_format=loaded_format))
+            opt = MaskedAdamW([param], lr=1e-2, density=0.5, anchor_decay=2.0, backend=name)
+            opt.load_state_dict(saved)
+            for key in ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param"):
+                assert opt.state[param][key].stride() == param.stride(), key
+                assert torch.equal(opt.state[param][key], source.state[source_param][key]), key
+            for _ in range(2):
+                param.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(10)).to(memory_format=loaded_format)
+                opt.step()
+            resumed[name] = param.detach()
+        assert_close(resumed[backend], resumed["torch"], f"{backend} after a load into another layout")
+
+
+def test_each_group_keeps_the_backend_it_was_built_with():
+    params, source = _trained(backend="compile")
+    target = MaskedAdamW(params, **CONFIG, backend="torch")
+    target.load_state_dict(source.state_dict())
+    assert target.param_groups[0]["backend"] == "torch"
+    assert target.param_groups[0]["density"] == CONFIG["density"]
+
+
+@pytest.mark.parametrize("foreign, message", [
+    (lambda params: torch.optim.AdamW(params, amsgrad=True), r"amsgrad=True"),
+    (lambda params: torch.optim.Adam(params, weight_decay=0.1), r"decoupled_weight_decay=False and weight_decay=0.1"),
+])
+def test_foreign_checkpoint_whose_options_masked_adamw_would_ignore_is_refused(foreign, message):
+    params, ours = _trained()
+    other = foreign(params)
+    _run(params, other, torch.Generator().manual_seed(11), 2)
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match=message):
+        ours.load_state_dict(other.state_dict())
+    assert_bitwise_equal(snapshot(ours), before)
+
+
+def test_adam_without_weight_decay_loads():
+    params, _ = _setup(torch.float32)
+    adam = torch.optim.Adam(params, lr=1e-3)
+    _run(params, adam, torch.Generator().manual_seed(12), 2)
+    ours = MaskedAdamW(params, lr=1e-3)
+    ours.load_state_dict(adam.state_dict())
+    assert all(ours.state[p]["step"] == 2 for p in params)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda entry: entry.pop("step"), r"moments but no 'step'"),
+    (lambda entry: entry.update(exp_avg=entry["exp_avg"][:1]), r"\['exp_avg'\] has shape \(1, 20\), its param \(30, 20\)"),
+    (lambda entry: entry.update(importance=entry["importance"].t()), r"\['importance'\] has shape \(20, 30\)"),
+])
+def test_malformed_state_is_refused_before_any_change(edit, message):
+    params, opt = _trained()
+    saved = opt.state_dict()
+    edit(saved["state"][0])
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    assert_bitwise_equal(snapshot(opt), before)
+
+
+def test_counters_are_the_optimizers_own_float32_tensors():
+    """Loaded step counters are copies (two optimizers loaded from one dict count apart), and a
+    checkpoint's plain-number step (old torch versions) becomes a float32 tensor."""
+    params, source = _trained()
+    saved = source.state_dict()
+    first, second = MaskedAdamW(params, **CONFIG), MaskedAdamW(params, **CONFIG)
+    first.load_state_dict(saved)
+    second.load_state_dict(saved)
+    lognormal_grads(params, torch.Generator().manual_seed(13))
+    first.step()
+    assert first.state[params[0]]["step"] == 4 and second.state[params[0]]["step"] == 3
+    old = copy.deepcopy(saved)
+    for entry in old["state"].values():
+        entry["step"] = 3
+    second.load_state_dict(old)
+    assert second.state[params[0]]["step"].dtype == torch.float32 and second.state[params[0]]["step"] == 3
+
+
+def test_mask_stats_after_a_load_wait_for_the_next_step():
+    params, opt = _trained()
+    assert opt.mask_stats()[0] is not None
+    opt.load_state_dict(opt.state_dict())
+    assert opt.mask_stats() == [None]
+    lognormal_grads(params, torch.Generator().manual_seed(14))
+    opt.step()
+    assert opt.mask_stats()[0]["target_density"] == CONFIG["density"]

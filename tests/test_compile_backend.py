@@ -251,3 +251,114 @@ def test_compiled_loops_stay_parallel_after_a_small_first_tensor():
     assert kernels, "no C++ kernel generated"
     for kernel in kernels:
         assert "#pragma omp parallel" in kernel, kernel[:400]
+
+
+def test_any_dense_layout_steps_like_the_reference():
+    """Channels-last and transposed params (state created in their layout), a grad and a user
+    mask in another layout than their param: the compile backend walks memory order and
+    matches the reference."""
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(4, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last), torch.randn(40, 30, generator=gen).t(), torch.randn(64, generator=gen)]
+    ours = [p.clone().requires_grad_() for p in base]
+    ref = [p.clone().requires_grad_() for p in base]
+    assert ours[0].stride() == base[0].stride() and not ours[1].is_contiguous()
+    opt = MaskedAdamW(ours, lr=1e-2, backend="compile", density=0.4, anchor_decay=3.0)
+    ref_opt = MaskedAdamW(ref, lr=1e-2, backend="torch", density=0.4, anchor_decay=3.0)
+    mask = torch.rand(30, 40, generator=gen) > 0.3  # contiguous: the other dimension order than its param
+    assert mask.stride() != ours[1].stride()
+    opt.set_mask(ours[1], mask)
+    ref_opt.set_mask(ref[1], mask)
+    for step in range(4):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen)  # contiguous: another layout than params 0 and 1
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref_opt.step()
+        if step == 1:
+            opt.consolidate()
+            ref_opt.consolidate()
+    assert ours[0].stride() == base[0].stride()
+    _compare(ours, ref, opt, ref_opt)
+
+
+def test_a_param_that_is_not_dense_is_refused_before_any_change():
+    storage = torch.randn(10, 8)
+    good, gapped = torch.randn(16, requires_grad=True), storage[:, :4].detach().requires_grad_()
+    opt = MaskedAdamW([good, gapped], backend="compile")
+    good.grad, gapped.grad = torch.randn(16), torch.randn(10, 4)
+    before = good.detach().clone()
+    with pytest.raises(ValueError, match=r"backend='compile' needs dense params .*strides \(8, 1\) for shape \(10, 4\)"):
+        opt.step()
+    assert torch.equal(good.detach(), before)
+    assert all(opt.state[p]["step"] == 0 for p in (good, gapped))
+
+
+def test_auto_takes_the_reference_for_a_group_with_a_param_that_is_not_dense(monkeypatch):
+    from masked_optim import backends, functional
+
+    monkeypatch.setattr(backends, "AUTO_COMPILE_MIN_NUMEL", 8)
+    taken = []
+    original = functional.masked_adamw
+
+    def spy(tensors, hyper, *, backend, **kwargs):
+        taken.append(backend)
+        return original(tensors, hyper, backend=backend, **kwargs)
+
+    monkeypatch.setattr(functional, "masked_adamw", spy)
+    dense, gapped = torch.randn(16, requires_grad=True), torch.randn(10, 8)[:, :4].detach().requires_grad_()
+    opt = MaskedAdamW([{"params": [dense]}, {"params": [gapped]}])
+    dense.grad, gapped.grad = torch.randn(16), torch.randn(10, 4)
+    opt.step()
+    assert taken == ["compile", "torch"]
+
+
+def test_many_variants_in_one_process_do_not_hit_dynamos_recompile_limit(monkeypatch):
+    """A sweep builds a variant per configuration; Dynamo's limits (lowered to 1 here, 8 by
+    default) would make the next one a hard failure under fullgraph."""
+    from masked_optim import compiled
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled, "_READY", set())
+    with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=1):
+        _step_three_variants()
+
+
+def _step_three_variants():
+    for importance in ("fisher", "taylor", "magnitude"):
+        ours = [torch.randn(64, requires_grad=True)]
+        ref = [ours[0].detach().clone().requires_grad_()]
+        opt = MaskedAdamW(ours, lr=1e-2, backend="compile", importance=importance)
+        ref_opt = MaskedAdamW(ref, lr=1e-2, backend="torch", importance=importance)
+        _grads(ours, ref, torch.Generator().manual_seed(5))
+        opt.step()
+        ref_opt.step()
+        _compare(ours, ref, opt, ref_opt)
+
+
+def test_a_variant_that_fails_to_compile_fails_the_step_before_any_change(monkeypatch):
+    """Every variant a step needs is compiled before the step changes anything: a compiler
+    error on the second tensor's variant leaves the first tensor and every counter as they were."""
+    from masked_optim import compiled
+
+    real = compiled._compiled_function
+
+    def failing(name):
+        function = real(name)
+
+        def call(*args, **kwargs):
+            if args[0].dtype == torch.bfloat16:
+                raise RuntimeError("compiler failure (simulated)")
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(compiled, "_compiled_function", failing)
+    monkeypatch.setattr(compiled, "_READY", set())
+    first, second = torch.randn(64, requires_grad=True), torch.randn(64, dtype=torch.bfloat16, requires_grad=True)
+    opt = MaskedAdamW([first, second], lr=1e-2, backend="compile", density=0.5)
+    first.grad, second.grad = torch.randn(64), torch.randn(64, dtype=torch.bfloat16)
+    before = [first.detach().clone(), second.detach().clone()]
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    assert torch.equal(first.detach(), before[0]) and torch.equal(second.detach(), before[1])
+    assert all(opt.state[p]["step"] == 0 and not opt.state[p]["importance"].any() for p in (first, second))

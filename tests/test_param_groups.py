@@ -196,3 +196,51 @@ def test_tiny_hf_gpt2():
     lrs = depth_lrs(model, layerwise_lr_groups(model, 1.0, 0.5), 1.0)
     assert lrs["transformer.wte.weight"] == 0.125 and lrs["transformer.h.0.attn.c_attn.weight"] == 0.25
     assert lrs["transformer.h.1.ln_2.bias"] == 0.5 and lrs["transformer.ln_f.weight"] == 1.0
+
+
+def test_named_parameters_as_torch_optimizers_take_them():
+    """(name, tensor) pairs, in one list or per group: the same steps as plain tensors, and the
+    names saved in the state dict (torch >= 2.6 records them as ``param_names``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    named = list(model.named_parameters())
+    for params in (named, [{"params": named[:2], "density": 0.5}, {"params": named[2:]}]):
+        plain = twin if isinstance(params[0], tuple) else [{**g, "params": twin[:2] if i == 0 else twin[2:]} for i, g in enumerate(params)]
+        ours, reference = MaskedAdamW(params, lr=1e-2), MaskedAdamW(plain, lr=1e-2)
+        for _ in range(3):
+            for p, q in zip(model.parameters(), twin):
+                p.grad = torch.randn(p.shape)
+                q.grad = p.grad.clone()
+            ours.step()
+            reference.step()
+        for p, q in zip(model.parameters(), twin):
+            assert torch.equal(p.detach(), q.detach())
+        names = [name for group in ours.state_dict()["param_groups"] for name in group["param_names"]]
+        assert names == [name for name, _ in named]
+
+
+def test_a_set_of_params_in_a_group_is_refused_like_torch():
+    with pytest.raises(TypeError, match="ordered collections"):
+        MaskedAdamW([{"params": {torch.zeros(3, requires_grad=True)}}])
+    opt = MaskedAdamW([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {torch.zeros(2, requires_grad=True)}})
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    params = [torch.randn(8, requires_grad=True)]
+    twin = [params[0].detach().clone().requires_grad_()]
+    ours = MaskedAdamW(params, lr=np.float64(1e-2), weight_decay=np.int64(0), betas=(np.float32(0.9), 0.999), gate_block=np.int64(1))
+    reference = MaskedAdamW(twin, lr=1e-2, weight_decay=0, betas=(float(np.float32(0.9)), 0.999))
+    for step in range(3):
+        ours.param_groups[0]["lr"] = np.float64(1e-2 / (step + 1))  # as a scheduler computing with numpy writes it
+        reference.param_groups[0]["lr"] = 1e-2 / (step + 1)
+        params[0].grad = torch.randn(8)
+        twin[0].grad = params[0].grad.clone()
+        ours.step()
+        reference.step()
+    assert torch.equal(params[0].detach(), twin[0].detach())
+    with pytest.raises(ValueError, match="lr must be a number, got 'x'"):
+        MaskedAdamW(params, lr="x")

@@ -142,3 +142,18 @@ def test_threshold_bin_tie_goes_to_the_lower_threshold():
     assert int(thr.threshold_bin(hist, 0.75, protect=False)) == 0  # all 2 (not 1)
     assert int(thr.threshold_bin(hist, 0.25, protect=True)) == 1  # bins < 1: 0 (not 1), b >= 1
     assert int(thr.threshold_bin(hist, 0.75, protect=True)) == 4  # bins < 4: 1 (not 2)
+
+
+def test_every_nan_score_lands_in_one_bin_whatever_its_bits():
+    """NaN payloads differ between backends and conversions (torch's CPU bf16 NaN is 0xFFFF,
+    Triton writes 0x7FC0): every NaN bins to NAN_BIN, above +inf's bin; finite scores and inf
+    keep their bit-pattern bins."""
+    patterns = torch.tensor([0x7FC00000, -0x00400000, 0x7F800001, 0x7FFFFFFF, -0x00010000], dtype=torch.int32)  # incl. 0xFFC00000, 0xFFFF0000
+    nans = patterns.view(torch.float32)
+    assert nans.isnan().all()
+    bf16_nan = torch.tensor([-1], dtype=torch.int16).view(torch.bfloat16).float()  # 0xFFFF as stored by torch
+    scores = torch.cat([nans, bf16_nan, torch.tensor([float("inf"), 1.0, 0.0, 3.5e38])])
+    bins = thr.score_bins(scores)
+    assert (bins[:6] == thr.NAN_BIN).all()
+    assert bins[6:].tolist() == [0x7F80, 0x3F80, 0, (torch.tensor(3.5e38).view(torch.int32).item() >> 16) & 0x7FFF]
+    assert thr.NAN_BIN > 0x7F80

@@ -283,3 +283,89 @@ def test_reused_mask_memory_in_another_layout_is_not_mistaken_for_the_old_mask()
         assert bool(moved[mask].all()), f"step {step}: an allowed element did not move"
         optimizer.set_mask(param, None)
     assert moved_frozen == [0] * 6, f"frozen elements that moved, per step: {moved_frozen}"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors under the interpreter")
+@pytest.mark.parametrize("importance, dtype", [("taylor", torch.bfloat16), ("fisher", torch.float32)])
+def test_select_scores_of_round_importances_bin_like_the_reference(importance, dtype):
+    """Quantised grads (multiples of 1/4) give importances whose bias-corrected score sits on a
+    bin edge: the kernel must form it as the reference does (a product with the rounded
+    reciprocal, not a quotient, which differs by an ulp in ~20% of elements), or bins, the
+    next threshold and the gate differ."""
+    gen = torch.Generator().manual_seed(4)
+    base = (torch.randint(-8, 9, (2049,), generator=gen) / 4).to(dtype)
+    params = {name: base.clone().requires_grad_() for name in ("torch", "triton")}
+    opts = {name: MaskedAdamW([p], lr=1e-2, density=0.1, importance=importance, backend=name) for name, p in params.items()}
+    for _ in range(3):
+        grad = (torch.randint(-8, 9, base.shape, generator=gen) / 4).to(dtype)
+        for name, p in params.items():
+            before = p.detach().clone()
+            p.grad = grad.clone()
+            opts[name].step()
+            params[name].moved = p.detach() != before
+        assert opts["triton"].state[params["triton"]]["threshold"] == opts["torch"].state[params["torch"]]["threshold"]
+        assert torch.equal(params["triton"].moved, params["torch"].moved)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors under the interpreter")
+def test_nan_scores_gate_like_the_reference_whatever_their_bits():
+    """A bf16 param made NaN by a step (eps=0, a zero grad: 0/0) holds torch's NaN bits (0xFFFF)
+    under the reference and Triton's (0x7FC0) under the kernel; its taylor importance is NaN,
+    as are the propagated NaN grads' of an fp32 param in the same unit. Every NaN score must
+    bin alike, so the threshold, the gate and the counts agree."""
+    gen = torch.Generator().manual_seed(0)
+    a0, b0 = torch.randn(100, generator=gen).to(torch.bfloat16), torch.randn(100, generator=gen)
+    first_a, second_a = torch.randn(100, generator=gen), torch.randn(100, generator=gen)
+    first_a[:4] = 0
+    first_b = torch.randn(100, generator=gen)
+    second_b = first_b.clone()
+    second_b[:4] = float("nan")
+    seen = {}
+    for backend in ("torch", "triton"):
+        a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+        opt = MaskedAdamW([a, b], lr=0.1, eps=0.0, density=1.0, importance="taylor", importance_beta=0.0,
+                          nonfinite="propagate", scope="group", backend=backend)
+        a.grad, b.grad = first_a.to(torch.bfloat16), first_b.clone()
+        opt.step()
+        opt.param_groups[0]["density"] = 0.02
+        record = []
+        for _ in range(2):
+            before = b.detach().clone()
+            a.grad, b.grad = second_a.to(torch.bfloat16), second_b.clone()
+            opt.step()
+            moved = (b.detach() != before) & ~(b.detach().isnan() & before.isnan())
+            record.append((int(opt.state[a]["threshold"]), opt.mask_stats()[0]["updated"], moved.tolist()))
+        assert a.detach()[:4].isnan().all()
+        seen[backend] = record
+    assert seen["triton"] == seen["torch"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors under the interpreter")
+def test_mask_stats_after_a_skipped_step_report_the_last_step_taken():
+    """A GradScaler-skipped step (found_inf) whose first param has no grad leaves mask_stats'
+    counts at the last step taken, as the reference's; a group whose only step was skipped
+    reports None."""
+    seen = {}
+    for backend in ("torch", "triton"):
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(10, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))
+        opt = MaskedAdamW([a, b], lr=1e-2, density=0.5, backend=backend)
+        a.grad, b.grad = torch.randn(10, generator=gen), torch.randn(7, generator=gen)
+        opt.step()
+        taken = opt.mask_stats()[0]
+        a.grad, b.grad = None, torch.randn(7, generator=gen)
+        opt.grad_scale, opt.found_inf = torch.full((1,), 2.0), torch.full((1,), 1.0)
+        opt.step()
+        after = opt.mask_stats()[0]
+        assert {k: after[k] for k in ("elements", "updated", "frozen", "nonfinite_skipped")} == \
+            {k: taken[k] for k in ("elements", "updated", "frozen", "nonfinite_skipped")}, backend
+        fresh = torch.nn.Parameter(torch.randn(5, generator=gen))
+        fresh.grad = torch.randn(5, generator=gen)
+        never = MaskedAdamW([fresh], backend=backend)
+        never.grad_scale, never.found_inf = torch.full((1,), 2.0), torch.full((1,), 1.0)
+        never.step()
+        assert never.mask_stats() == [None], backend
+        never.found_inf = torch.zeros(1)
+        never.step()
+        seen[backend] = (taken, never.mask_stats())
+    assert seen["triton"] == seen["torch"]

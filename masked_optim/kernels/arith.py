@@ -84,5 +84,6 @@ def round_for_store(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def score_bin(score):
-    """threshold.score_bins: the fp32 bit pattern's top 16 bits without the sign."""
-    return (score.to(tl.int32, bitcast=True) >> 16) & 0x7FFF
+    """threshold.score_bins: the fp32 bit pattern's top 16 bits without the sign, every NaN
+    in threshold.NAN_BIN."""
+    return tl.where(score != score, 0x7FC0, (score.to(tl.int32, bitcast=True) >> 16) & 0x7FFF)

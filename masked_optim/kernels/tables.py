@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from masked_optim.functional import TensorState
+from masked_optim.layouts import in_param_layout, is_dense, same_layout
 from masked_optim.kernels import layout
 
 #: param dtype -> Triton dtype; the math and moment dtype is fp32 except for fp64 params
@@ -120,29 +121,6 @@ def remember_checked(key: tuple, tables: GroupTables) -> None:
         _checked.popitem(last=False)
 
 
-def is_dense(tensor: Tensor) -> bool:
-    """Whether the tensor's elements fill a contiguous memory range (any dimension order)."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_layout(tensor: Tensor, param: Tensor) -> bool:
-    if tensor.shape != param.shape:
-        return False
-    return all(s == p for s, p, n in zip(tensor.stride(), param.stride(), param.shape) if n != 1)
-
-
-def _in_param_layout(tensor: Tensor, param: Tensor) -> Tensor:
-    """A read-only input laid out like the param: itself, or a copy in the param's layout."""
-    if _same_layout(tensor, param):
-        return tensor
-    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
-
-
 def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
     """Check one tensor's state for the kernel; return its grad and user mask in the param's layout.
 
@@ -169,10 +147,10 @@ def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
         raise ValueError(f"backend='triton' needs dense params (any dimension order), got strides {param.stride()} for shape {tuple(param.shape)}")
     for name in ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param"):
         tensor = getattr(t, name)
-        if tensor is not None and not _same_layout(tensor, param):
+        if tensor is not None and not same_layout(tensor, param):
             raise ValueError(f"backend='triton' needs {name} laid out like its param (shape {tuple(param.shape)}, strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
-    user_mask = None if t.user_mask is None else _in_param_layout(t.user_mask, param)
-    return _in_param_layout(t.grad, param), user_mask
+    user_mask = None if t.user_mask is None else in_param_layout(t.user_mask, param)
+    return in_param_layout(t.grad, param), user_mask
 
 
 def bucket_key(t: TensorState, grad: Tensor, user_mask: Optional[Tensor], gated: bool) -> BucketKey:

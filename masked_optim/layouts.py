@@ -1,0 +1,42 @@
+"""Memory layouts the fused backends step: any dense layout, state laid out like its param.
+
+A param may be stored in any dimension order (channels_last, a transposed weight); its state
+tensors are created in the same layout (``torch.zeros_like`` keeps it), so the fused backends
+walk param and state in memory order, element for element. Read-only inputs in another layout
+(a grad, a user mask) are copied into the param's layout first.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """Whether the tensor's elements fill a contiguous memory range (any dimension order)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(tensor: Tensor, param: Tensor) -> bool:
+    """Whether ``tensor`` has ``param``'s shape and strides (strides of size-1 dims aside)."""
+    if tensor.shape != param.shape:
+        return False
+    return all(s == p for s, p, n in zip(tensor.stride(), param.stride(), param.shape) if n != 1)
+
+
+def in_param_layout(tensor: Tensor, param: Tensor) -> Tensor:
+    """A read-only input laid out like the param: itself, or a copy in the param's layout."""
+    if same_layout(tensor, param):
+        return tensor
+    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
+
+
+def memory_order_view(tensor: Tensor) -> Tensor:
+    """A dense tensor's elements as a 1-D view in memory order (the tensor itself if 1-D)."""
+    if tensor.dim() == 1 and tensor.stride(0) == 1:
+        return tensor
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
