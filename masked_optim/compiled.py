@@ -267,8 +267,10 @@ def _flat_inputs(t: TensorState) -> tuple[Optional[Tensor], ...]:
                              f"strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
     grad = in_param_layout(t.grad, param)
     mask = None if t.user_mask is None else in_param_layout(t.user_mask, param)
+    # the param detached (same storage and version counter): Dynamo would otherwise look at its
+    # .grad too, and refuse a grad of another dtype than the param's grad_dtype
     return tuple(None if x is None else memory_order_view(x) for x in (
-        param, grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask,
+        param.detach(), grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask,
     ))
 
 

@@ -99,8 +99,8 @@ class MaskedAdamW(Optimizer):
             from its own scores)
 
     Args:
-        params: iterable of parameters or param-group dicts. Every option below may be set
-            per group.
+        params: iterable of parameters, of ``(name, parameter)`` pairs (``named_parameters()``)
+            or of param-group dicts. Every option below may be set per group.
         lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW` (lr may be a 1-element
             Tensor).
         density: fraction of elements updated per step, in (0, 1].
@@ -115,7 +115,8 @@ class MaskedAdamW(Optimizer):
         maximize: maximise the objective instead of minimising it.
         nonfinite: ``"skip"`` (elements with NaN/Inf grads are left unchanged and counted) or
             ``"propagate"`` (they flow through as in AdamW).
-        backend: ``"auto"``, ``"torch"`` (the reference) or ``"triton"`` (fused kernel).
+        backend: ``"auto"``, ``"torch"`` (the reference), ``"compile"`` (a ``torch.compile``-fused
+            loop per tensor: the CPU fast path) or ``"triton"`` (fused multi-tensor kernel).
         importance_dtype: ``"float32"`` or ``"bfloat16"`` storage for importance and anchor.
         gate_block: elements per gate (a power of two up to 1024; default 1, every element
             its own gate). With G > 1 each run of G elements in memory order (per tensor, per

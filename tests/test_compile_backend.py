@@ -362,3 +362,23 @@ def test_a_variant_that_fails_to_compile_fails_the_step_before_any_change(monkey
         opt.step()
     assert torch.equal(first.detach(), before[0]) and torch.equal(second.detach(), before[1])
     assert all(opt.state[p]["step"] == 0 and not opt.state[p]["importance"].any() for p in (first, second))
+
+
+def test_a_grad_in_another_dtype_than_its_param():
+    """A bf16 param whose grad_dtype lets autograd keep fp32 grads: the compile backend steps
+    it as the reference does (Dynamo once refused the param for its grad's dtype)."""
+    gen = torch.Generator().manual_seed(6)
+    ours = torch.nn.Parameter(torch.randn(8, 8, generator=gen).to(torch.bfloat16))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    try:
+        ours.grad_dtype = ref.grad_dtype = torch.float32
+    except (AttributeError, RuntimeError, TypeError):
+        pytest.skip("this torch has no Tensor.grad_dtype")
+    opt = MaskedAdamW([ours], lr=1e-2, backend="compile", density=0.5)
+    ref_opt = MaskedAdamW([ref], lr=1e-2, backend="torch", density=0.5)
+    for _ in range(3):
+        g = torch.randn(8, 8, generator=gen)
+        ours.grad, ref.grad = g, g.clone()
+        opt.step()
+        ref_opt.step()
+    _compare([ours], [ref], opt, ref_opt)
