@@ -204,7 +204,8 @@ def _compiled(name: str):
 _FUNCTIONS = {"fused_step": fused_step, "importance_pass": importance_pass}
 #: positions of each function's param-sized arguments (the others: thresholds, scalars)
 _ELEMENTWISE = {"fused_step": (0, 1, 2, 3, 4, 5, 6, 7, 10), "importance_pass": (0, 1, 2, 3, 5)}
-#: the variants this process has compiled: (function, each argument's dtype, device and rank, options)
+#: the variants this process has compiled: (function, device, each argument's dtype, options);
+#: after ``torch._dynamo.reset()`` a lost variant is compiled again by the step itself
 _READY: set = set()
 
 
@@ -214,8 +215,8 @@ def _prepare(name: str, args: tuple, kwargs: dict) -> None:
     changes anything, so a compiler failure leaves nothing half-applied."""
     if args[0].numel() < MIN_COMPILED_NUMEL:
         return
-    key = (name, tuple(None if a is None else (a.dtype, a.device, a.dim()) for a in args), tuple(kwargs.items()))
-    if key in _READY:
+    key = (name, args[0].device, tuple(None if a is None else a.dtype for a in args), tuple(kwargs.items()))
+    if key in _READY:  # (every argument's rank is fixed by its position)
         return
     stand_ins = [
         None if a is None else torch.zeros(2, dtype=a.dtype, device=a.device) if index in _ELEMENTWISE[name] else a.clone()
@@ -303,6 +304,7 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     device = tensors[0].param.device if tensors else torch.device("cpu")
     scalars_like = torch.zeros(_SCALARS, dtype=torch.float64, device=device)
     threshold_like = torch.zeros((), dtype=torch.int64, device=device)
+    bins_like = torch.zeros(0, dtype=torch.int32, device=device)
     calls = []  # per tensor: the first pass's options (or None) and the step's
     for i, t in enumerate(tensors):
         first = dict(protect=protect, **flags) if first_pass[i] else None
@@ -317,7 +319,6 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
         if t.param.numel() == 0:
             continue
         param, grad, _, _, importance, anchor, _, _ = flat[i]
-        bins_like = torch.zeros(0, dtype=torch.int32, device=device)
         if first is not None:
             _prepare("importance_pass", (param, grad, importance, anchor, scalars_like, bins_like), first)
         gate_like = threshold_like if has_gate[i] else None
