@@ -145,11 +145,12 @@ def masked_adamw(
     raise ValueError(f"Invalid backend: {backend!r}")
 
 
-def observe(tensors: list[TensorState], hyper: GroupHyper, *, backend: str) -> None:
-    """Update the running importance from the current grads only (SPEC steps 1-2)."""
+def observe(tensors: list[TensorState], hyper: GroupHyper, *, backend: str, grad_scale: Optional[Tensor] = None) -> None:
+    """Update the running importance from the current grads only (SPEC steps 1-2), the grads
+    divided by ``grad_scale`` if given."""
     from masked_optim import reference
 
-    reference.observe_group(tensors, hyper)
+    reference.observe_group(tensors, hyper, grad_scale)
 
 
 def units(tensors: list[TensorState], scope: str) -> list[list[int]]:

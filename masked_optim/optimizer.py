@@ -1,6 +1,7 @@
 """MaskedAdamW: the optimizer class (validation, state, hooks); the math lives in functional.py."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -350,16 +351,28 @@ class MaskedAdamW(Optimizer):
         self._last_stats[:] = stats  # in place: a compiled step replays list mutations
 
     @torch.no_grad()
-    def observe(self) -> None:
+    def observe(self, grad_scale: Optional[float | Tensor] = None) -> None:
         """Update the running importance from the current grads; change no parameter or moment.
 
         Use it to calibrate importance on earlier data (forward + backward, then ``observe()``)
-        before :meth:`consolidate`.
+        before :meth:`consolidate`. Grads from ``scaler.scale(loss).backward()`` (fp16 autocast
+        with a ``torch.amp.GradScaler``) are scaled: pass ``grad_scale=scaler.get_scale()`` to
+        divide them by it, as :meth:`step` does under the scaler, or the observed importance
+        comes out scale² (fisher) times too large against what the steps accumulate.
         """
+        scale = None
+        if grad_scale is not None:
+            value = _number("grad_scale", grad_scale)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Invalid grad_scale: {value} (must be finite and > 0)")
+            scale = value
         self._check_grads()
         for group in self.param_groups:
             _, tensors = self._tensor_states(group)
-            functional.observe(tensors, GroupHyper.from_group(group), backend="torch")
+            if not tensors:
+                continue
+            device_scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=tensors[0].param.device)
+            functional.observe(tensors, GroupHyper.from_group(group), backend="torch", grad_scale=device_scale)
 
     @torch.no_grad()
     def consolidate(self, how: str = "max") -> None:

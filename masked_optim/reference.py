@@ -188,8 +188,8 @@ def step_group(
     return stats
 
 
-def observe_group(tensors: list[TensorState], hyper: GroupHyper) -> None:
+def observe_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor] = None) -> None:
     """Importance-only pass (SPEC steps 1-2): no parameter or moment changes."""
     for t in tensors:
-        g = unscaled_grad(t, hyper, None)
+        g = unscaled_grad(t, hyper, grad_scale)
         update_importance(t, g, live_elements(g, hyper), hyper)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from masked_optim import MaskedAdamW
-from tests.helpers import set_random_grads, snapshot
+from tests.helpers import assert_bitwise_equal, set_random_grads, snapshot
 from tests.tolerances import assert_close
 
 
@@ -92,3 +92,38 @@ def test_consolidate_with_zero_importance_keeps_zero_anchor():
     opt.consolidate()
     for p in params:
         assert not opt.state[p]["anchor"].any() and opt.state[p]["anchor"].isfinite().all()
+
+
+def test_observe_under_a_grad_scaler_divides_by_its_scale():
+    """Grads from ``scaler.scale(loss).backward()`` observed with ``grad_scale=scaler.get_scale()``
+    give the importance of the unscaled grads (bit for bit: the scale is a power of two), a
+    0-dim param included; without it they would come out scale**2 too large."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    model.register_parameter("gain", torch.nn.Parameter(torch.tensor(1.5)))
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    scaled, plain = MaskedAdamW(model.parameters()), MaskedAdamW(twin)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(8, 6)
+    for _ in range(2):
+        model.zero_grad()
+        loss = (model(x) * model.gain).pow(2).mean()
+        scaler.scale(loss).backward()
+        for p, q in zip(model.parameters(), twin):
+            q.grad = p.grad / scaler.get_scale()
+        scaled.observe(grad_scale=scaler.get_scale())
+        plain.observe()
+    for p, q in zip(model.parameters(), twin):
+        assert torch.equal(scaled.state[p]["importance"], plain.state[q]["importance"])
+        assert scaled.state[p]["importance"].any()
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, float("nan"), float("inf"), "x"])
+def test_observe_rejects_a_bad_grad_scale_before_any_change(bad):
+    params = _params()
+    opt = MaskedAdamW(params)
+    set_random_grads(params, torch.Generator().manual_seed(2))
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="grad_scale"):
+        opt.observe(grad_scale=bad)
+    assert_bitwise_equal(snapshot(opt), before)
