@@ -102,6 +102,19 @@ def time_call(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - begin
 
 
+def host_seconds(fn: Callable[[], object], device: str, calls: int = 5) -> float:
+    """Host time of one call: what the Python side takes to issue it, the device's queue empty
+    at the start and not waited on until the end (on a CPU, all of the call). A step whose host
+    time is near its ``time_call`` time is host-bound: its launches, not its bytes, set the pace."""
+    synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = (time.perf_counter() - begin) / calls
+    synchronize(device)
+    return seconds
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], device: str, repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin so drift hits all alike."""
     for fn in fns.values():

@@ -4,7 +4,8 @@
     PYTHONPATH=. python benchmarks/gpu_run.py OUTDIR --tiny --device cpu   # CI smoke test
 
 Installs nothing, needs no network. Writes OUTDIR/results.json (device, versions, date,
-correctness, copy bandwidth, every timing with modelled bytes, GB/s and ratios to the peers)
+correctness, copy bandwidth, every timing with its host time (host-bound or not), modelled bytes,
+GB/s and ratios to the peers)
 and prints a short table last. On the CPU the Triton kernels run under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ if ARGS is not None and ARGS.device == "cpu":
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    GPT2_SMALL_SHAPES, Case, bytes_per_element, copy_bandwidth, interleaved_medians, make_optimizer, make_params,
-    synchronize,
+    GPT2_SMALL_SHAPES, Case, bytes_per_element, copy_bandwidth, host_seconds, interleaved_medians, make_optimizer,
+    make_params, synchronize,
 )
 from masked_optim import MaskedAdamW  # noqa: E402
 
@@ -158,12 +159,18 @@ def run_case(case: Case, device: str, repeats: int, tiny: bool, failures: list[d
                 medians.update(interleaved_medians({impl: fn}, device, repeats))
             except Exception as error:  # noqa: BLE001
                 _failed(failures, case, impl, error)
+    hosts = {}
+    for impl in medians:  # what issuing one step costs the host (after the timed runs)
+        try:
+            hosts[impl] = host_seconds(fns[impl], device)
+        except Exception as error:  # noqa: BLE001
+            _failed(failures, case, impl, error)
     rows = []
     for impl, seconds in medians.items():
         model = bytes_per_element(impl, case.dtype, density=case.density)
         rows.append(dict(
             case=case.name, dtype=str(case.dtype).removeprefix("torch."), density=case.density, numel=case.numel,
-            tensors=len(case.shapes), impl=impl, seconds=seconds, bytes_per_element=model,
+            tensors=len(case.shapes), impl=impl, seconds=seconds, host_seconds=hosts.get(impl), bytes_per_element=model,
             gbps=model * case.numel / seconds / 1e9,
         ))
     for row in rows:
@@ -231,11 +238,12 @@ def print_table(result: dict) -> None:
     print(f"\n{result['device']}  torch {result['torch']}  triton {result['triton']}  {result['date']}")
     print(f"correctness: {json.dumps(result['correctness'])}")
     print(f"copy bandwidth: {result['copy_gbps']:.1f} GB/s")
-    header = f"{'case':<22} {'dtype':<8} {'dens':>4} {'impl':<20} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'x fused':>8}"
+    header = f"{'case':<22} {'dtype':<8} {'dens':>4} {'impl':<20} {'ms':>9} {'host ms':>8} {'GB/s':>8} {'%copy':>6} {'x fused':>8}"
     print(header)
     for row in result["rows"]:
         print(
             f"{row['case']:<22} {row['dtype']:<8} {row['density']:>4} {row['impl']:<20} {row['seconds'] * 1e3:>9.3f}"
+            f" {(row['host_seconds'] or float('nan')) * 1e3:>8.3f}"
             f" {row['gbps']:>8.1f} {100 * row['fraction_of_copy']:>6.1f} {row.get('ratio_to_torch_adamw_fused', float('nan')):>8.2f}"
         )
     for failure in result.get("failures", []):

@@ -23,7 +23,7 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     assert {"torch_adamw_fused", "masked_triton", "masked_triton_compiled", "masked_torch", "masked_compile",
             "masked_triton_blocks"} <= impls
     assert {"torch.float32 torch.compile", "torch.float32 gate_block=32"} <= set(result["correctness"])
-    assert all(row["seconds"] > 0 and row["bytes_per_element"] > 0 for row in result["rows"])
+    assert all(row["seconds"] > 0 and row["host_seconds"] > 0 and row["bytes_per_element"] > 0 for row in result["rows"])
     log = (tmp_path / "gpu_run.log").read_text()
     assert "copy bandwidth" in log and "wrote" in log and "gpu_run.py exit status 0" in log
     assert "gpu tests exit status 0" in (tmp_path / "gpu_tests.log").read_text()
