@@ -4,9 +4,8 @@
     PYTHONPATH=. python benchmarks/gpu_run.py OUTDIR --tiny --device cpu   # CI smoke test
 
 Installs nothing, needs no network. Writes OUTDIR/results.json (device, versions, date,
-correctness, copy bandwidth, every timing with its host time (host-bound or not), modelled bytes,
-GB/s and ratios to the peers)
-and prints a short table last. On the CPU the Triton kernels run under TRITON_INTERPRET=1.
+correctness, copy bandwidth, every timing with its host time (host-bound or not), modelled
+bytes, GB/s and ratios to the peers) and prints a short table last. On the CPU the Triton kernels run under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
