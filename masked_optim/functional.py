@@ -98,8 +98,9 @@ class GroupStats:
 
 def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: Tensor) -> GroupStats:
     """The stats of the last step taken, chosen on the device (no host sync): ``current``'s
-    unless ``found_inf`` skipped this step, then ``previous``'s. Thresholds whose number changed
-    with the skipped step (options changed, first consolidate) are ``current``'s."""
+    unless ``found_inf`` skipped this step, then ``previous``'s. Where the skipped step had
+    another number of thresholds (options changed, first consolidate, a grad that was None)
+    they are ``current``'s: unknown, NaN in ``mask_stats``."""
     skipped = found_inf.reshape(-1)[0] != 0
     if previous is None:
         return GroupStats(current.elements, current.updated, current.frozen, current.skipped, current.thresholds, skipped)

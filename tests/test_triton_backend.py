@@ -369,3 +369,26 @@ def test_mask_stats_after_a_skipped_step_report_the_last_step_taken():
         never.step()
         seen[backend] = (taken, never.mask_stats())
     assert seen["triton"] == seen["torch"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors under the interpreter")
+def test_a_skipped_step_with_another_unit_count_reports_unknown_thresholds_not_stale_ones():
+    """Steps with grads for (a, b), then b only, then (a, b) again but skipped by the scaler:
+    the counts are the last step taken's (as the reference's), and the skipped step's two
+    thresholds, which the host cannot know without a sync, are NaN, not an older step's."""
+    results = {}
+    for backend in ("torch", "triton"):
+        a, b = torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(100))
+        opt = MaskedAdamW([a, b], lr=0.1, density=0.3, backend=backend)
+        for k, (with_a, skipped) in enumerate([(True, False), (False, False), (True, True)]):
+            gen = torch.Generator().manual_seed(k)
+            a.grad = torch.randn(64, generator=gen) if with_a else None
+            b.grad = torch.randn(100, generator=gen)
+            opt.grad_scale, opt.found_inf = torch.ones(1), torch.full((1,), float(skipped))
+            opt.step()
+        results[backend] = opt.mask_stats()[0]
+    counts = ("elements", "updated", "frozen", "nonfinite_skipped")
+    assert {k: results["triton"][k] for k in counts} == {k: results["torch"][k] for k in counts}
+    assert results["torch"]["elements"] == 100
+    thresholds = results["triton"]["threshold"]
+    assert len(thresholds) == 2 and all(value != value for value in thresholds)

@@ -21,7 +21,7 @@ from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum
 from masked_optim import functional
 from masked_optim.functional import GroupHyper, TensorState
-from masked_optim.kernels import layout, stats, tables
+from masked_optim.kernels import layout, tables
 from masked_optim.kernels.finish_kernel import _finish_step_kernel
 from masked_optim.kernels.step_kernel import _masked_adamw_kernel, _score_histogram_kernel
 from masked_optim.reference import DELTA
@@ -127,9 +127,8 @@ def step_group(
     Computes what ``reference.step_group`` computes, for params in float32, bfloat16, float16
     or float64, without reading anything back to the host. ``grad_scale`` (float32 [1]) unscales
     the grads; a nonzero ``found_inf`` (float32 [1]) leaves params, moments, importance, step
-    counters, thresholds and the stats unchanged. Returns the group's persistent stats buffers
-    (``stats.stats_buffers``: int64 counts, int64 per-unit thresholds), which always hold the
-    last step taken. Callers go through ``op.fused_step``, the ``torch.library`` op.
+    counters and thresholds unchanged. Returns the step's stats (int64 counts, int64 per-unit
+    thresholds): zeros and ``threshold.UNKNOWN`` for a skipped step. Callers go through ``op.fused_step``, the ``torch.library`` op.
     """
     device = tensors[0].param.device
     if device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -165,7 +164,11 @@ def step_group(
         _check_device(tensors, device, grad_scale, found_inf)
     hyper_table = _hyper_table(hyper, device)
     counts = group.fresh_counts.clone()
-    stats_counts, stats_thresholds = stats.stats_buffers(tensors[0].threshold, group.unit_count)
+    # this step's stats: the finish kernel fills them unless found_inf skipped the step (then
+    # zero counts and unknown thresholds, and the optimizer keeps the last step taken's:
+    # functional.last_taken)
+    stats_counts = torch.zeros(layout.COUNT_FIELDS, dtype=torch.int64, device=device)
+    stats_thresholds = torch.full((group.unit_count,), thr.UNKNOWN, dtype=torch.int64, device=device)
     histogram_shape = (group.unit_count, thr.NUM_BINS)
     grad_scale_arg = grad_scale if grad_scale is not None else hyper_table
     found_inf_arg = found_inf if found_inf is not None else hyper_table

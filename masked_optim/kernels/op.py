@@ -15,8 +15,8 @@ launcher at run time. Schema (per-tensor lists are parallel, one entry per param
 ``params``, the moments, importances, counters and thresholds are mutated. ``lr`` is the
 group's Tensor lr (None: the float in ``scalars``); ``scalars`` packs the float options in
 ``_SCALARS`` order; ``shard_groups`` names the FSDP2 process groups of each tensor
-(``";"`` between tensors, ``","`` between groups). The outputs are copies of the group's
-persistent stats buffers (``stats.py``), so they never alias the inputs.
+(``";"`` between tensors, ``","`` between groups). The outputs are the step's stats, fresh
+tensors (zero counts and unknown thresholds for a step ``found_inf`` skipped).
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def _fused_step(
     ]
     hyper = _hyper(lr, scalars, mask, importance, scope, nonfinite)
     counts, unit_thresholds = launch.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
-    return counts.clone(), unit_thresholds.clone()
+    return counts, unit_thresholds
 
 
 fused_step = torch.library.custom_op("masked_optim::fused_step", mutates_args=_MUTATED)(_fused_step)
