@@ -1,9 +1,12 @@
 """Which backend runs a param group's step on a given device (no silent fallback by name)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import shlex
 import shutil
+from typing import Optional
 
 import torch
 
@@ -31,14 +34,25 @@ def triton_runs_on(device: torch.device) -> tuple[bool, str]:
 AUTO_COMPILE_MIN_NUMEL = 1 << 22
 
 
+@functools.lru_cache(maxsize=None)
+def _has_compiler(cxx: Optional[str]) -> bool:
+    """Whether the C++ compiler Inductor (and ``cpu_histogram``) would use exists: ``$CXX``'s
+    program (looked up once per value), else c++ or g++."""
+    if cxx:
+        command = shlex.split(cxx)
+        return bool(command) and shutil.which(command[0]) is not None
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
 def resolve(name: str, device: torch.device, numel: int = 0, gate_block: int = 1) -> str:
     """Map a group's ``backend`` option to the implementation that runs on ``device``.
 
-    ``"auto"`` takes the Triton kernel on CUDA when it can run there; on the CPU it takes the
-    ``compile`` backend for groups of at least ``AUTO_COMPILE_MIN_NUMEL`` elements when a C++
-    compiler is present (Inductor needs one) and the group has element gates (``gate_block``
-    1), else the reference (the optimizer also takes the reference for a group with a param
-    that is not dense, which the compile backend cannot step). ``"triton"`` raises
+    ``"auto"`` takes the Triton kernel on CUDA when it can run there (triton installed); on the
+    CPU it takes the ``compile`` backend for groups of at least ``AUTO_COMPILE_MIN_NUMEL``
+    elements when a C++ compiler is present (``$CXX``, else c++ or g++: Inductor needs one) and
+    the group has element gates (``gate_block`` 1), else the reference (the optimizer also
+    takes the reference for a group with a param that is not dense, which the compile backend
+    cannot step). ``"triton"`` raises
     RuntimeError, naming the device, where Triton cannot run.
     """
     if name in ("torch", "compile"):
@@ -50,7 +64,6 @@ def resolve(name: str, device: torch.device, numel: int = 0, gate_block: int = 1
         return "triton"
     if runs and device.type == "cuda":
         return "triton"
-    has_compiler = shutil.which("c++") is not None or shutil.which("g++") is not None
-    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and has_compiler and gate_block == 1:
+    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and gate_block == 1 and _has_compiler(os.environ.get("CXX")):
         return "compile"
     return "torch"

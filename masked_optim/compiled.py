@@ -268,10 +268,14 @@ def _flat_inputs(t: TensorState) -> tuple[Optional[Tensor], ...]:
                              f"strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
     grad = in_param_layout(t.grad, param)
     mask = None if t.user_mask is None else in_param_layout(t.user_mask, param)
-    # the param detached (same storage and version counter): Dynamo would otherwise look at its
-    # .grad too, and refuse a grad of another dtype than the param's grad_dtype
+    # Dynamo looks at a param's .grad too and refuses one of another dtype than the param's
+    # grad_dtype: such a param goes in detached (same storage and version counter). Only such a
+    # one: Inductor's step for a detached param ran slower (16M, bf16 importance: 16.5 ms
+    # instead of 13.2 ms on 2 cores)
+    grad_of = getattr(param, "grad", None)
+    source = param.detach() if grad_of is not None and grad_of.dtype != param.dtype else param
     return tuple(None if x is None else memory_order_view(x) for x in (
-        param.detach(), grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask,
+        source, grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask,
     ))
 
 

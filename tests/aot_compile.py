@@ -1,5 +1,6 @@
-"""Compile every Triton kernel variant the launcher can ask for, for an H100/H200 (sm_90), to
-a cubin, without a GPU: ``triton.compile`` runs Triton's whole pipeline (TTIR, TTGIR, LLVM IR,
+"""Compile a representative set of the Triton kernel variants the launcher can ask for (67:
+every dtype, element and block gates, anchors, GradScaler; not every combination of flags),
+for an H100/H200 (sm_90), to a cubin, without a GPU: ``triton.compile`` runs Triton's whole pipeline (TTIR, TTGIR, LLVM IR,
 PTX) and the ``ptxas`` that ships in the triton wheel.
 
 Run by ``tests/test_triton_aot.py`` in a fresh process: under ``TRITON_INTERPRET=1`` (the test

@@ -103,3 +103,17 @@ def test_auto_backend_choice_on_cpu():
     expected = "compile" if shutil.which("c++") or shutil.which("g++") else "torch"
     assert backends.resolve("auto", cpu, backends.AUTO_COMPILE_MIN_NUMEL) == expected
     assert backends.resolve("torch", cpu, 1 << 30) == "torch"
+
+
+def test_auto_on_the_cpu_needs_the_compiler_cxx_names(monkeypatch):
+    """``auto`` compiles only where Inductor finds a compiler: ``$CXX``'s program when set."""
+    import sys
+
+    from masked_optim import backends
+
+    cpu, large = torch.device("cpu"), backends.AUTO_COMPILE_MIN_NUMEL
+    monkeypatch.setenv("CXX", "no-such-compiler-4711 -O2")
+    assert backends.resolve("auto", cpu, large) == "torch"
+    monkeypatch.setenv("CXX", f"{sys.executable} --version")  # any existing program stands in
+    assert backends.resolve("auto", cpu, large) == "compile"
+    assert backends.resolve("auto", cpu, large, gate_block=4) == "torch"
