@@ -170,6 +170,20 @@ RECOMPILE_LIMIT = 1 << 16
 
 
 @functools.lru_cache(maxsize=None)
+def _recompile_limits() -> dict[str, int]:
+    """Dynamo's per-function and process-wide limits by the names this torch has (older ones:
+    ``cache_size_limit``, ``accumulated_cache_size_limit``)."""
+    config = torch._dynamo.config
+    limits = {}
+    for current, older in (("recompile_limit", "cache_size_limit"), ("accumulated_recompile_limit", "accumulated_cache_size_limit")):
+        for name in (current, older):
+            if hasattr(config, name):
+                limits[name] = RECOMPILE_LIMIT
+                break
+    return limits
+
+
+@functools.lru_cache(maxsize=None)
 def _compiled_function(name: str):
     return torch.compile(_FUNCTIONS[name], dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
 
@@ -288,7 +302,7 @@ def step_group(
 ) -> Optional[GroupStats]:
     """One MaskedAdamW step of one param group through the compiled per-tensor loops."""
     # the limit is raised once per group step: patching Dynamo's config costs ~80 us a call
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
+    with torch._dynamo.config.patch(**_recompile_limits()):
         return _step_group(tensors, hyper, grad_scale)
 
 
