@@ -1,14 +1,12 @@
 """Which backend runs a param group's step on a given device (no silent fallback by name)."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
-import shlex
-import shutil
-from typing import Optional
 
 import torch
+
+from masked_optim import cpu_histogram
 
 
 #: looked up once: ``find_spec`` inside a ``torch.compile``-traced step is only understood by
@@ -34,16 +32,6 @@ def triton_runs_on(device: torch.device) -> tuple[bool, str]:
 AUTO_COMPILE_MIN_NUMEL = 1 << 22
 
 
-@functools.lru_cache(maxsize=None)
-def _has_compiler(cxx: Optional[str]) -> bool:
-    """Whether the C++ compiler Inductor (and ``cpu_histogram``) would use exists: ``$CXX``'s
-    program (looked up once per value), else c++ or g++."""
-    if cxx:
-        command = shlex.split(cxx)
-        return bool(command) and shutil.which(command[0]) is not None
-    return shutil.which("c++") is not None or shutil.which("g++") is not None
-
-
 def resolve(name: str, device: torch.device, numel: int = 0, gate_block: int = 1) -> str:
     """Map a group's ``backend`` option to the implementation that runs on ``device``.
 
@@ -64,6 +52,7 @@ def resolve(name: str, device: torch.device, numel: int = 0, gate_block: int = 1
         return "triton"
     if runs and device.type == "cuda":
         return "triton"
-    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and gate_block == 1 and _has_compiler(os.environ.get("CXX")):
+    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and gate_block == 1 \
+            and cpu_histogram.find_compiler(os.environ.get("CXX")) is not None:
         return "compile"
     return "torch"

@@ -25,7 +25,7 @@ from masked_optim import threshold as thr
 from masked_optim.functional import (
     GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, next_thresholds,
 )
-from masked_optim.layouts import in_param_layout, is_dense, memory_order_view, same_layout
+from masked_optim.layouts import checked_inputs, memory_order_view
 from masked_optim.reference import DELTA, importance_signal, math_dtype
 
 # index of each value in the packed scalar tensor; products and differences of hyper-parameters
@@ -263,25 +263,12 @@ def _histogram(bins: Tensor, where: Optional[Tensor]) -> Tensor:
     return thr.histogram_of_bins(bins, where)
 
 
-_STATE_NAMES = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
-
-
 def _flat_inputs(t: TensorState) -> tuple[Optional[Tensor], ...]:
     """One tensor's (param, grad, exp_avg, exp_avg_sq, importance, anchor, anchor_param,
     user_mask) as 1-D views in the param's memory order, checked before the step changes
-    anything: any dense param layout steps (its state is created in the same layout); a grad
-    or user mask in another layout is copied into it."""
+    anything (``layouts.checked_inputs``: any dense param layout steps)."""
     param = t.param
-    if not (param.is_contiguous() or is_dense(param)):
-        raise ValueError(f"backend='compile' needs dense params (any dimension order), got strides {param.stride()} "
-                         f"for shape {tuple(param.shape)}; use backend='torch'")
-    for name in _STATE_NAMES:
-        tensor = getattr(t, name)
-        if tensor is not None and not same_layout(tensor, param):
-            raise ValueError(f"backend='compile' needs {name} laid out like its param (shape {tuple(param.shape)}, "
-                             f"strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
-    grad = in_param_layout(t.grad, param)
-    mask = None if t.user_mask is None else in_param_layout(t.user_mask, param)
+    grad, mask = checked_inputs(t, "compile")
     # Dynamo looks at a param's .grad too and refuses one of another dtype than the param's
     # grad_dtype: such a param goes in detached (same storage and version counter). Only such a
     # one: Inductor's step for a detached param ran slower (16M, bf16 importance: 16.5 ms

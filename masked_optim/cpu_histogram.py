@@ -63,17 +63,27 @@ extern "C" void masked_optim_histogram(const int32_t* bins, const uint8_t* allow
 MAX_NUMEL = 2**32 - 1
 
 
-def _compiler() -> list[str]:
-    """The compiler command: ``$CXX`` (may carry a launcher, e.g. ``ccache g++``), else c++/g++."""
-    if os.environ.get("CXX"):
-        command = shlex.split(os.environ["CXX"])
-        if not command or shutil.which(command[0]) is None:
-            raise RuntimeError(f"CXX={os.environ['CXX']!r} names no executable (the compile backend builds its histogram with it)")
-        return command
+@functools.lru_cache(maxsize=None)
+def find_compiler(cxx: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The C++ compiler command Inductor uses too: ``cxx`` (``$CXX``; may carry a launcher,
+    e.g. ``ccache g++``) if it names a program, else c++ or g++; None where there is none
+    (looked up once per ``cxx``)."""
+    if cxx:
+        command = tuple(shlex.split(cxx))
+        return command if command and shutil.which(command[0]) is not None else None
     found = shutil.which("c++") or shutil.which("g++")
-    if not found:
+    return (found,) if found else None
+
+
+def _compiler() -> list[str]:
+    """The compiler command (``find_compiler``), or a RuntimeError saying what is missing."""
+    cxx = os.environ.get("CXX")
+    command = find_compiler(cxx)
+    if command is None and cxx:
+        raise RuntimeError(f"CXX={cxx!r} names no executable (the compile backend builds its histogram with it)")
+    if command is None:
         raise RuntimeError("backend='compile' needs a C++ compiler: set CXX, or install c++/g++")
-    return [found]
+    return list(command)
 
 
 def _private_directory() -> str:

@@ -7,8 +7,15 @@ walk param and state in memory order, element for element. Read-only inputs in a
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
+
+from masked_optim.functional import TensorState
+
+#: state tensors created like their param (in its layout)
+STATE_LIKE_PARAM = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
 
 
 def is_dense(tensor: Tensor) -> bool:
@@ -40,3 +47,20 @@ def memory_order_view(tensor: Tensor) -> Tensor:
     if tensor.dim() == 1 and tensor.stride(0) == 1:
         return tensor
     return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
+
+
+def checked_inputs(t: TensorState, backend: str) -> tuple[Tensor, Optional[Tensor]]:
+    """Check that ``t``'s param is dense and its state laid out like it (ValueError naming
+    ``backend``, the tensor and its layout); return its grad and user mask in the param's
+    layout (copies where they are laid out otherwise)."""
+    param = t.param
+    if not (param.is_contiguous() or is_dense(param)):
+        raise ValueError(f"backend={backend!r} needs dense params (any dimension order), got strides {param.stride()} "
+                         f"for shape {tuple(param.shape)}; use backend='torch'")
+    for name in STATE_LIKE_PARAM:
+        tensor = getattr(t, name)
+        if tensor is not None and not same_layout(tensor, param):
+            raise ValueError(f"backend={backend!r} needs {name} laid out like its param (shape {tuple(param.shape)}, "
+                             f"strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
+    mask = None if t.user_mask is None else in_param_layout(t.user_mask, param)
+    return in_param_layout(t.grad, param), mask

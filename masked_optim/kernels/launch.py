@@ -128,7 +128,8 @@ def step_group(
     or float64, without reading anything back to the host. ``grad_scale`` (float32 [1]) unscales
     the grads; a nonzero ``found_inf`` (float32 [1]) leaves params, moments, importance, step
     counters and thresholds unchanged. Returns the step's stats (int64 counts, int64 per-unit
-    thresholds): zeros and ``threshold.UNKNOWN`` for a skipped step. Callers go through ``op.fused_step``, the ``torch.library`` op.
+    thresholds): zeros and ``threshold.UNKNOWN`` for a skipped step. Callers go through
+    ``op.fused_step``, the ``torch.library`` op.
     """
     device = tensors[0].param.device
     if device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":

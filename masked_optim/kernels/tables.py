@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from masked_optim.functional import TensorState
-from masked_optim.layouts import in_param_layout, is_dense, same_layout
+from masked_optim.layouts import checked_inputs
 from masked_optim.kernels import layout
 
 #: param dtype -> Triton dtype; the math and moment dtype is fp32 except for fp64 params
@@ -143,14 +143,7 @@ def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
             raise ValueError(f"backend='triton' stores {name} in float32 or bfloat16, got {tensor.dtype}")
     if t.anchor_param is not None and (t.anchor is None or t.anchor_param.dtype not in TRITON_DTYPES):
         raise ValueError(f"backend='triton' needs anchor_param ({t.anchor_param.dtype}) together with an anchor")
-    if not is_dense(param):
-        raise ValueError(f"backend='triton' needs dense params (any dimension order), got strides {param.stride()} for shape {tuple(param.shape)}")
-    for name in ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param"):
-        tensor = getattr(t, name)
-        if tensor is not None and not same_layout(tensor, param):
-            raise ValueError(f"backend='triton' needs {name} laid out like its param (shape {tuple(param.shape)}, strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
-    user_mask = None if t.user_mask is None else in_param_layout(t.user_mask, param)
-    return in_param_layout(t.grad, param), user_mask
+    return checked_inputs(t, "triton")
 
 
 def bucket_key(t: TensorState, grad: Tensor, user_mask: Optional[Tensor], gated: bool) -> BucketKey:
