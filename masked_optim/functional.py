@@ -163,12 +163,17 @@ def units(tensors: list[TensorState], scope: str) -> list[list[int]]:
 
 def gated(tensors: list[TensorState], hyper: GroupHyper) -> list[bool]:
     """Which tensors have a density gate this step: density < 1, and for ``protect`` an anchor."""
-    protect = hyper.mask == "protect"
-    return [hyper.density < 1.0 and not (protect and t.anchor is None) for t in tensors]
+    if hyper.density >= 1.0:
+        return [False] * len(tensors)
+    if hyper.mask != "protect":
+        return [True] * len(tensors)
+    return [t.anchor is not None for t in tensors]
 
 
 def gated_units(tensors: list[TensorState], is_gated: list[bool], scope: str) -> list[list[int]]:
     """The gated members of each unit (see ``units``); units without one are left out."""
+    if not any(is_gated):
+        return []
     units_ = ([i for i in unit if is_gated[i]] for unit in units(tensors, scope))
     return [members for members in units_ if members]
 

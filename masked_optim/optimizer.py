@@ -20,6 +20,8 @@ from masked_optim.reference import math_dtype
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 _STATE_KINDS = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
+#: param types stepped as they are (no DTensor shard to take, no complex view)
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _real(tensor: Tensor) -> Tensor:
@@ -251,38 +253,45 @@ class MaskedAdamW(Optimizer):
                 dtype = torch.bool if key == "user_mask" else self._state_dtype(key, param, group)
                 state[key] = torch.zeros_like(like, dtype=dtype)
 
-    def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState]]:
-        params, tensors = [], []
+    def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState], list[dict[str, Any]]]:
+        """The group's params that have grads, each one's ``TensorState`` and its state dict
+        (created on first use; a stored threshold derived for other options is forgotten)."""
+        params, tensors, states = [], [], []
         key = _threshold_key(group)
+        state_of = self.state
         for param in group["params"]:
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 continue
-            state = self._init_state(param, group)
-            if abs(state["threshold_for"]) != key:
+            state = state_of[param]
+            if "threshold" not in state or "step" not in state or "importance_step" not in state:
+                state = self._init_state(param, group)
+            threshold_for = state["threshold_for"]
+            if threshold_for != key and threshold_for != -key:
                 state["threshold"].fill_(thr.UNKNOWN)
-                state["threshold_for"] = -key
+                state["threshold_for"] = threshold_for = -key
             params.append(param)
-            if not (param.is_complex() or is_dtensor(param)):  # the common case, spelled cheaply
+            states.append(state)
+            if type(param) in _PLAIN and not param.is_complex():  # the common case, spelled cheaply
                 tensors.append(TensorState(
-                    param=param, grad=param.grad, exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
-                    importance=state["importance"], step=state["step"], importance_step=state["importance_step"],
-                    threshold=state["threshold"], threshold_known=state["threshold_for"] == key,
-                    anchor=state.get("anchor"), anchor_param=state.get("anchor_param"), user_mask=state.get("user_mask"),
+                    param, grad, state["exp_avg"], state["exp_avg_sq"], state["importance"], state["step"],
+                    state["importance_step"], state["threshold"], threshold_for == key,
+                    state.get("anchor"), state.get("anchor_param"), (), state.get("user_mask"),
                 ))
                 continue
             tensors.append(
                 TensorState(
-                    param=_real(local(param)), grad=_real(local(param.grad)),
+                    param=_real(local(param)), grad=_real(local(grad)),
                     exp_avg=_real(local(state["exp_avg"])), exp_avg_sq=_real(local(state["exp_avg_sq"])),
                     importance=local(state["importance"]), step=state["step"],
                     importance_step=state["importance_step"], threshold=state["threshold"],
-                    threshold_known=state["threshold_for"] == key, anchor=local(state.get("anchor")),
+                    threshold_known=threshold_for == key, anchor=local(state.get("anchor")),
                     anchor_param=_real(local(state["anchor_param"])) if "anchor_param" in state else None,
                     shard_groups=shard_groups(param),
                     user_mask=_real_mask(local(state.get("user_mask")), param),
                 )
             )
-        return params, tensors
+        return params, tensors, states
 
     def _check_grads(self) -> None:
         for group in self.param_groups:
@@ -330,7 +339,7 @@ class MaskedAdamW(Optimizer):
         self._check_grads()
         stats: list[Optional[GroupStats]] = []
         for index, group in enumerate(self.param_groups):
-            params, tensors = self._tensor_states(group)
+            params, tensors, states = self._tensor_states(group)
             previous = self._last_stats[index] if index < len(self._last_stats) else None
             if not tensors:
                 stats.append(previous)
@@ -343,8 +352,9 @@ class MaskedAdamW(Optimizer):
                 grad_scale=grad_scale, found_inf=found_inf,
             )
             if found_inf is None:  # under a scaler the step may have been skipped: keep the hint
-                for param in params:
-                    self.state[param]["threshold_for"] = _threshold_key(group)
+                key = _threshold_key(group)
+                for state in states:
+                    state["threshold_for"] = key
             elif result is not None and backend == "triton":  # found_inf stays on the device
                 result = functional.last_taken(previous, result, found_inf)
             stats.append(result if result is not None else previous)
@@ -368,7 +378,7 @@ class MaskedAdamW(Optimizer):
             scale = value
         self._check_grads()
         for group in self.param_groups:
-            _, tensors = self._tensor_states(group)
+            _, tensors, _ = self._tensor_states(group)
             if not tensors:
                 continue
             device_scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=tensors[0].param.device)

@@ -5,10 +5,11 @@ int64 unit table (address of each gated unit's stored threshold) and, per bucket
 dtypes and features, an int32 block table (the tensor-table row of every program). Tables are
 cached by their contents (which are addresses and sizes only), so a steady training loop
 builds them once and then only hashes the addresses; and a step whose ``signature`` (address,
-dtype, shape and strides of every tensor, and the gating) matches an earlier checked step reuses its tables without repeating the
-per-tensor checks. (With the eager call that skips the op dispatcher, ``op.step_group``, the
-host-side cost of a step of GPT-2 small's 148 tensors went from ~11 ms to ~1.5-3.5 ms on a 2-core
-CPU: ``benchmarks/host_overhead.py``.)
+dtype, shape and strides of every tensor, and the gating) matches an earlier checked step
+reuses its tables without repeating the per-tensor checks. (With the eager call that skips the
+op dispatcher, ``op.step_group``, the host-side cost of a step of GPT-2 small's 148 tensors went
+from ~11 ms to ~0.85 ms on a 2-core CPU, about 40% of it the signature:
+``benchmarks/host_overhead.py``.)
 """
 from __future__ import annotations
 
@@ -74,51 +75,58 @@ class GroupTables:
 
 
 _cache: "OrderedDict[tuple, GroupTables]" = OrderedDict()
-_checked: "OrderedDict[tuple, GroupTables]" = OrderedDict()
+_checked: "dict[tuple, GroupTables]" = {}
 
 
-def _state(tensor: Optional[Tensor]) -> tuple:
-    """A param-shaped tensor's address, dtype, shape and strides (its device is implied by the
-    address: CUDA's unified virtual addressing keeps host and device addresses apart)."""
-    return () if tensor is None else (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+_ABSENT = (None, None, None, None)
 
 
 def signature(tensors: list[TensorState], scored: list[bool], unit_of: list[int], unit_known: list[bool], block: int, device: torch.device) -> tuple:
     """What a group's checked tables depend on, cheap to compute every step: the address,
-    dtype, shape and strides of every param-shaped tensor the kernel reads or writes (and the
-    param's device), the counters' addresses and dtypes, and the gating layout.
+    dtype, shape and strides of every param-shaped tensor the kernel reads or writes, the
+    counters' addresses and dtypes, and the gating layout (a tensor's device is implied by its
+    address: CUDA's unified virtual addressing keeps host and device addresses apart).
 
     Two steps with equal signatures step the same memory with the same layouts, so the second
     may skip ``flat_inputs``' and ``_counters``' checks. Addresses alone are not enough: a freed
     tensor's memory is reused by the next allocation of the same size, e.g. a transposed
-    ``set_mask`` mask after a contiguous one. (~0.2 us per attribute read on a slow CPU: ~1 ms
-    per step for GPT-2 small's 148 tensors, most of the fast path's host time.)
+    ``set_mask`` mask after a contiguous one. One flat tuple, a fixed number of fields per
+    tensor: each attribute read costs ~0.1 us on a slow CPU, ~0.25 ms a step for GPT-2 small's
+    148 tensors, most of the fast path's host time.
     """
     parts: list = [device, block, tuple(unit_known)]
+    extend = parts.extend
     for t, gated, unit in zip(tensors, scored, unit_of):
-        param, step, importance_step, threshold = t.param, t.step, t.importance_step, t.threshold
-        parts.append((
-            param.data_ptr(), param.dtype, param.device, param.shape, param.stride(),
-            _state(t.grad), _state(t.exp_avg), _state(t.exp_avg_sq), _state(t.importance), _state(t.anchor),
-            _state(t.anchor_param), _state(t.user_mask), step.data_ptr(), step.dtype,
-            importance_step.data_ptr(), importance_step.dtype, threshold.data_ptr(), threshold.dtype, gated, unit,
+        param, grad, exp_avg, exp_avg_sq, importance = t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.importance
+        step, importance_step, threshold = t.step, t.importance_step, t.threshold
+        extend((
+            param.data_ptr(), param.dtype, param.shape, param.stride(),
+            grad.data_ptr(), grad.dtype, grad.shape, grad.stride(),
+            exp_avg.data_ptr(), exp_avg.dtype, exp_avg.shape, exp_avg.stride(),
+            exp_avg_sq.data_ptr(), exp_avg_sq.dtype, exp_avg_sq.shape, exp_avg_sq.stride(),
+            importance.data_ptr(), importance.dtype, importance.shape, importance.stride(),
+            step.data_ptr(), step.dtype, importance_step.data_ptr(), importance_step.dtype,
+            threshold.data_ptr(), threshold.dtype, gated, unit,
         ))
+        for optional in (t.anchor, t.anchor_param, t.user_mask):
+            extend(_ABSENT if optional is None else (optional.data_ptr(), optional.dtype, optional.shape, optional.stride()))
     return tuple(parts)
 
 
 def checked_group(key: tuple) -> Optional[GroupTables]:
-    """The tables of an earlier step with this ``signature`` whose inputs passed every check."""
-    tables = _checked.get(key)
-    if tables is not None:
-        _checked.move_to_end(key)
-    return tables
+    """The tables of an earlier step with this ``signature`` whose inputs passed every check.
+
+    One hash and one comparison of the key, no reordering: ``move_to_end`` would hash the
+    ~4,000-element key of a GPT-2 step again (~40 us), so the oldest entry is dropped first.
+    """
+    return _checked.get(key)
 
 
 def remember_checked(key: tuple, tables: GroupTables) -> None:
     """Remember tables built from checked inputs that are the tensors themselves (no copies)."""
     _checked[key] = tables
     if len(_checked) > _CACHE_SIZE:
-        _checked.popitem(last=False)
+        del _checked[next(iter(_checked))]
 
 
 def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
