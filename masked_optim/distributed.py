@@ -71,6 +71,18 @@ def all_reduce_sum(tensor: Tensor, groups: tuple) -> Tensor:
     return tensor
 
 
+def all_reduce_rows(rows: Tensor, groups: list[tuple]) -> Tensor:
+    """Sum each row of ``rows`` in place over its own process groups (``groups[i]`` for row i):
+    one collective for all rows when they share their groups, else one per row."""
+    if not any(groups):
+        return rows
+    if all(g == groups[0] for g in groups):
+        return all_reduce_sum(rows, groups[0])
+    for row, row_groups in zip(rows, groups):
+        all_reduce_sum(row, row_groups)
+    return rows
+
+
 def global_count(tensors: list[Tensor], groups: tuple, device: torch.device) -> Tensor:
     """Number of elements of a unit over all shards, as a float64 0-dim tensor."""
     count = torch.tensor(float(sum(t.numel() for t in tensors)), dtype=torch.float64, device=device)

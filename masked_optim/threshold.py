@@ -10,6 +10,7 @@ them, on the device, without a host synchronisation.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -95,6 +96,22 @@ def expand_blocks(block_values: Tensor, gate_block: int, like: Tensor) -> Tensor
     return flat.reshape([like.shape[d] for d in order]).permute(inverse)
 
 
+_WORKSPACE = threading.local()
+
+
+def _cumulative(hist: Tensor) -> Tensor:
+    """``hist``'s int64 cumulative sum along its last dimension. On the CPU it is written into a
+    buffer reused per thread (grown to the largest batch, kept for the process: 8 B a bin, e.g.
+    38 MB for GPT-2's 146 tensor units): a fresh one that large is page-faulted in on every
+    step, 18 ms instead of 1.3 ms for the sum on a 2-core VM."""
+    if hist.device.type != "cpu":
+        return torch.cumsum(hist, -1, dtype=torch.int64)
+    buffer = getattr(_WORKSPACE, "cumulative", None)
+    if buffer is None or buffer.numel() < hist.numel():
+        buffer = _WORKSPACE.cumulative = torch.empty(hist.numel(), dtype=torch.int64)
+    return torch.cumsum(hist, -1, dtype=torch.int64, out=buffer[: hist.numel()].view(hist.shape))
+
+
 def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
     """Threshold bin (0-dim int64 tensor) that brings a unit's realised density closest to target.
 
@@ -111,7 +128,7 @@ def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
     binary search: one pass over the bins (a cumulative sum) instead of seven; ``tests/
     test_threshold.py`` holds the rule written out as the yardstick.
     """
-    cumulative = torch.cumsum(hist, -1, dtype=torch.int64)  # below(b) = cumulative[b - 1], below(0) = 0
+    cumulative = _cumulative(hist)  # below(b) = cumulative[b - 1], below(0) = 0
     total = cumulative[..., -1:]
     target = density * total.to(torch.float64)
     last = cumulative.shape[-1]  # the largest threshold: nothing is >= it

@@ -8,7 +8,7 @@ from masked_optim import cpu_histogram
 from masked_optim import threshold as thr
 
 
-@pytest.mark.parametrize("numel", [0, 1, 2, 3, 4097, 1 << 20])
+@pytest.mark.parametrize("numel", [0, 1, 2, 3, 4097, thr.NUM_BINS - 1, thr.NUM_BINS, 1 << 20])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
 def test_matches_bincount(numel, masked):
     gen = torch.Generator().manual_seed(numel)
@@ -42,6 +42,32 @@ def test_where_of_the_param_shape():
 def test_bad_input_is_refused(bins, where, message):
     with pytest.raises(ValueError, match=message):
         cpu_histogram.histogram_of_bins(bins, where)
+
+
+@pytest.mark.parametrize("numel", [5, thr.NUM_BINS + 5], ids=["few", "many"])
+def test_out_receives_the_counts(numel):
+    """Counts go into ``out`` (a reused buffer's row), replacing whatever it held, and the
+    per-thread tables of the large-input path hold nothing over from the call before."""
+    gen = torch.Generator().manual_seed(numel)
+    rows = torch.full((2, thr.NUM_BINS), 7, dtype=torch.int64)
+    for row in rows:
+        bins = torch.randint(0, thr.NUM_BINS, (numel,), generator=gen, dtype=torch.int32)
+        assert cpu_histogram.histogram_of_bins(bins, out=row).data_ptr() == row.data_ptr()
+        assert torch.equal(row, thr.histogram_of_bins(bins))
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        (torch.zeros(thr.NUM_BINS, dtype=torch.int32), "int64"),
+        (torch.zeros(thr.NUM_BINS - 1, dtype=torch.int64), "of 32768 elements"),
+        (torch.zeros(2, thr.NUM_BINS, dtype=torch.int64)[:, 0], "32768"),
+        (torch.zeros(thr.NUM_BINS, 2, dtype=torch.int64)[:, 0], "contiguous: False"),
+    ],
+)
+def test_bad_out_is_refused(out, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_histogram.histogram_of_bins(torch.zeros(8, dtype=torch.int32), out=out)
 
 
 def test_strided_where():

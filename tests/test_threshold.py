@@ -1,9 +1,11 @@
 """The histogram threshold rule against exact order statistics (kthvalue)."""
+import types
 import zlib
 
 import pytest
 import torch
 
+from masked_optim import functional
 from masked_optim import threshold as thr
 
 N = 200_000
@@ -133,6 +135,43 @@ def test_threshold_bin_is_the_rule(style, protect):
         for row, want in zip(hist, expected):
             got = thr.threshold_bin(row, density, protect)
             assert got.shape == () and got.dtype == torch.int64 and int(got) == int(want), density
+
+
+def test_results_outlive_the_reused_workspace():
+    """On the CPU the cumulative sums go into a buffer reused per thread: a result survives the
+    next call, and a batch larger than any before grows the buffer."""
+    gen = torch.Generator().manual_seed(7)
+    small = _random_histograms(gen, 2, "spread")
+    first = thr.threshold_bin(small, 0.3, False)
+    kept = first.clone()
+    big = _random_histograms(gen, 3 + thr._WORKSPACE.__dict__.get("cumulative", torch.empty(0)).numel() // thr.NUM_BINS, "low")
+    assert torch.equal(thr.threshold_bin(big, 0.3, False), _threshold_bin_by_scan(big, 0.3, False))
+    assert torch.equal(first, kept)
+    assert torch.equal(thr.threshold_bin(small, 0.3, False), kept)
+
+
+@pytest.mark.parametrize("layout", ["rows", "separate", "rows-out-of-order"])
+@pytest.mark.parametrize("scope", ["tensor", "group"])
+def test_units_take_their_thresholds_in_one_batch(layout, scope):
+    """``functional._derive`` batches all units' histograms (a view where they are consecutive
+    rows of one buffer, as the compile backend counts them) and gives each unit the threshold
+    of its own summed histogram."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{layout}{scope}".encode()))
+    hist = _random_histograms(gen, 5, "spread")
+    counted = hist.clone()
+    order = [2, 0, 1, 4, 3] if layout == "rows-out-of-order" else list(range(5))
+    pieces = [hist[i] if layout != "separate" else hist[i].clone() for i in order]
+    histograms = [lambda piece=piece: piece for piece in pieces]
+    tensors = [types.SimpleNamespace(shard_groups=()) for _ in pieces]
+    hyper = types.SimpleNamespace(density=0.3, mask="select")
+    units = [[i] for i in range(5)] if scope == "tensor" else [list(range(5))]
+    got = functional._derive(tensors, units, histograms, hyper)
+    want = [thr.threshold_bin(sum(pieces[i] for i in members), 0.3, False) for members in units]
+    assert [int(g) for g in got] == [int(w) for w in want]
+    assert torch.equal(hist, counted)  # the counts stay as they were
+    rows = functional._rows(pieces)
+    assert torch.equal(rows, torch.stack(pieces))
+    assert (rows.data_ptr() == hist.data_ptr()) == (layout == "rows")
 
 
 def test_threshold_bin_tie_goes_to_the_lower_threshold():

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from masked_optim import threshold as thr
-from masked_optim.distributed import all_reduce_sum
+from masked_optim.distributed import all_reduce_rows
 from masked_optim import functional
 from masked_optim.functional import GroupHyper, TensorState
 from masked_optim.kernels import layout, tables
@@ -88,14 +88,7 @@ def _counters(tensors: list[TensorState], device: torch.device, found_inf: Optio
 
 def _reduce(histogram: Tensor, unit_first: list[int], tensors: list[TensorState]) -> Tensor:
     """Sum each unit's histogram over the process groups its tensors are sharded across (FSDP2)."""
-    groups = [tensors[first].shard_groups for first in unit_first]
-    if not any(groups):
-        return histogram
-    if all(g == groups[0] for g in groups):
-        return all_reduce_sum(histogram, groups[0])
-    for row, unit_groups in zip(histogram, groups):
-        all_reduce_sum(row, unit_groups)
-    return histogram
+    return all_reduce_rows(histogram, [tensors[first].shard_groups for first in unit_first])
 
 
 def _compile_options(device: torch.device) -> dict:
