@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -291,20 +292,41 @@ def _flat_inputs(t: TensorState) -> tuple[Optional[Tensor], ...]:
     ))
 
 
+@dataclass
+class Plan:
+    """One group's step, checked and its compiled variants built, before anything changes."""
+
+    flat: list[tuple]  # each tensor's inputs as 1-D views in its param's memory order
+    has_gate: list[bool]
+    calls: list[tuple]  # per tensor: the first pass's options (or None), the step's, binned
+
+
+def prepare_group(tensors: list[TensorState], hyper: GroupHyper, *, grad_scale: Optional[Tensor] = None) -> Plan:
+    """Every check of a group's step and every compile it needs, changing nothing: the
+    optimizer prepares all groups before it steps the first, so that a bad group leaves every
+    group as it was."""
+    with torch._dynamo.config.patch(**_recompile_limits()):
+        return _plan(tensors, hyper, grad_scale)
+
+
 def step_group(
     tensors: list[TensorState],
     hyper: GroupHyper,
     *,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    plan: Optional[Plan] = None,
 ) -> Optional[GroupStats]:
-    """One MaskedAdamW step of one param group through the compiled per-tensor loops."""
+    """One MaskedAdamW step of one param group through the compiled per-tensor loops
+    (``plan``: this step's ``prepare_group``, made now if not given)."""
     # the limit is raised once per group step: patching Dynamo's config costs ~80 us a call
     with torch._dynamo.config.patch(**_recompile_limits()):
-        return _step_group(tensors, hyper, grad_scale)
+        if plan is None:
+            plan = _plan(tensors, hyper, grad_scale)
+        return _step_group(tensors, hyper, grad_scale, plan)
 
 
-def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor]) -> GroupStats:
+def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor]) -> Plan:
     protect = hyper.mask == "protect"
     flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
     has_gate = gated(tensors, hyper)
@@ -321,7 +343,7 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     scalars_like = torch.zeros(_SCALARS, dtype=torch.float64, device=device)
     threshold_like = torch.zeros((), dtype=torch.int64, device=device)
     bins_like = torch.zeros(0, dtype=torch.int32, device=device)
-    calls = []  # per tensor: the first pass's options (or None) and the step's
+    calls = []
     for i, t in enumerate(tensors):
         first = dict(protect=protect, **flags) if first_pass[i] else None
         step = dict(
@@ -339,6 +361,12 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
             _prepare("importance_pass", (param, grad, importance, anchor, scalars_like, bins_like), first)
         gate_like = threshold_like if has_gate[i] else None
         _prepare("fused_step", (*flat[i], gate_like, scalars_like, bins_like if binned else None), step)
+    return Plan(flat=flat, has_gate=has_gate, calls=calls)
+
+
+def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor], plan: Plan) -> GroupStats:
+    flat, has_gate, calls = plan.flat, plan.has_gate, plan.calls
+    device = tensors[0].param.device if tensors else torch.device("cpu")
     # each tensor's histogram is counted right after the pass that bins its scores, so that one
     # scratch buffer of bins serves every tensor; the histograms go to consecutive rows of one
     # reused buffer, which the thresholds read as one batch (functional._rows)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -115,6 +115,31 @@ def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: T
     return GroupStats(*keep, thresholds=thresholds, never_taken=never_taken)
 
 
+def prepare(
+    tensors: list[TensorState],
+    hyper: GroupHyper,
+    *,
+    backend: str,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> Any:
+    """Every check one group's step makes (and the compiles and tables it needs), changing no
+    tensor: raises what ``masked_adamw`` would. The result goes to ``masked_adamw(plan=...)``
+    of the same step. A step over several groups prepares them all first, so that a group that
+    cannot step leaves the others unchanged too."""
+    if backend == "torch":
+        return None  # the reference has nothing to check ahead
+    if backend == "compile":
+        from masked_optim import compiled
+
+        return compiled.prepare_group(tensors, hyper, grad_scale=grad_scale)
+    if backend == "triton":
+        from masked_optim.kernels import op
+
+        return op.prepare_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+    raise ValueError(f"Invalid backend: {backend!r}")
+
+
 def masked_adamw(
     tensors: list[TensorState],
     hyper: GroupHyper,
@@ -122,12 +147,14 @@ def masked_adamw(
     backend: str,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    plan: Any = None,
 ) -> Optional[GroupStats]:
     """Take one MaskedAdamW step over one param group's tensors, in place.
 
     ``backend`` is a resolved backend name ("torch", "compile" or "triton"). ``grad_scale`` is the
     GradScaler's scale (grads are divided by it); a nonzero ``found_inf`` means the step is
     skipped and nothing at all changes (returns None in that case for the reference backend).
+    ``plan`` is this step's ``prepare`` of the same tensors, if made.
     """
     if backend in ("torch", "compile") and found_inf is not None and bool(found_inf.item()):
         return None  # host-side backends: the scaler skipped this step, nothing changes at all
@@ -138,11 +165,11 @@ def masked_adamw(
     if backend == "compile":
         from masked_optim import compiled
 
-        return compiled.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+        return compiled.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf, plan=plan)
     if backend == "triton":
         from masked_optim.kernels import op
 
-        return op.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+        return op.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf, plan=plan)
     raise ValueError(f"Invalid backend: {backend!r}")
 
 

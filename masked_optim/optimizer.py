@@ -337,19 +337,29 @@ class MaskedAdamW(Optimizer):
         """The step proper. With the Triton backend ``torch.compile`` traces it: the kernel is
         the ``torch.library`` op ``masked_optim::fused_step`` (``kernels/op.py``)."""
         self._check_grads()
-        stats: list[Optional[GroupStats]] = []
-        for index, group in enumerate(self.param_groups):
+        # every group is checked (and its compiles and tables made) before the first one steps:
+        # a group that cannot step leaves all of them unchanged
+        steps = []
+        for group in self.param_groups:
             params, tensors, states = self._tensor_states(group)
-            previous = self._last_stats[index] if index < len(self._last_stats) else None
             if not tensors:
-                stats.append(previous)
+                steps.append(None)
                 continue
             backend = backends.resolve(group["backend"], params[0].device, sum(t.param.numel() for t in tensors), group["gate_block"])
             if backend == "compile" and group["backend"] == "auto" and not all(is_dense(t.param) for t in tensors):
                 backend = "torch"  # the compile backend steps dense params only
+            hyper = GroupHyper.from_group(group)
+            plan = functional.prepare(tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
+            steps.append((tensors, states, backend, hyper, plan))
+        stats: list[Optional[GroupStats]] = []
+        for index, (group, prepared) in enumerate(zip(self.param_groups, steps)):
+            previous = self._last_stats[index] if index < len(self._last_stats) else None
+            if prepared is None:
+                stats.append(previous)
+                continue
+            tensors, states, backend, hyper, plan = prepared
             result = functional.masked_adamw(
-                tensors, GroupHyper.from_group(group), backend=backend,
-                grad_scale=grad_scale, found_inf=found_inf,
+                tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf, plan=plan,
             )
             if found_inf is None:  # under a scaler the step may have been skipped: keep the hint
                 key = _threshold_key(group)

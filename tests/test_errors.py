@@ -63,6 +63,26 @@ def test_bad_group_edit_fails_step_before_any_change():
     assert_bitwise_equal(snapshot(opt), before)
 
 
+@pytest.mark.parametrize("first_backend", ["torch", "compile", "triton"])
+@pytest.mark.parametrize("backend", ["compile", "triton"])
+def test_a_group_that_cannot_step_leaves_every_group_unchanged(first_backend, backend):
+    """Every group is checked (its compiles and tables made) before the first one steps: a later
+    group whose state is no longer laid out like its param raises, and the groups before it stay
+    as they were (params, moments, importance, counters, thresholds)."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(8, generator=gen).requires_grad_()
+    b = torch.randn(4, 6, generator=gen).requires_grad_()
+    opt = MaskedAdamW([{"params": [a], "backend": first_backend}, {"params": [b], "backend": backend}], lr=0.1, density=0.5)
+    set_random_grads([a, b], gen)
+    opt.step()
+    b.data = b.data.t().contiguous().t()  # the param changes layout; its state does not
+    set_random_grads([a, b], gen)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=f"backend='{backend}' needs exp_avg laid out like its param"):
+        opt.step()
+    assert_bitwise_equal(snapshot(opt), before)
+
+
 def test_integer_params_rejected():
     with pytest.raises(ValueError, match=r"Invalid param dtype: torch\.int64"):
         MaskedAdamW([torch.zeros(3, dtype=torch.int64)])

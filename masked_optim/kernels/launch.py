@@ -12,6 +12,7 @@ Grid, memory layout and what each kernel writes: ``step_kernel`` and ``finish_ke
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -108,22 +109,32 @@ def _check_device(tensors: list[TensorState], device: torch.device, grad_scale: 
             raise ValueError(f"backend='triton' needs {name} on {device}, got {tensor.device}")
 
 
-def step_group(
+@dataclass
+class Plan:
+    """One group's step, checked and its device tables built, before anything changes."""
+
+    device: torch.device
+    block: int
+    group: tables.GroupTables
+    unit_first: list[int]
+    unit_known: list[bool]
+    #: the counters were copied to the device: the host increments the originals after the step
+    host_counters: bool
+    #: temporaries the tables point at (grads or masks copied into the param's layout, counters)
+    keep_alive: tuple = ()
+
+
+def prepare_group(
     tensors: list[TensorState],
     hyper: GroupHyper,
     *,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """One MaskedAdamW step of one param group on the device, in place (``reference.step_group``).
-
-    Computes what ``reference.step_group`` computes, for params in float32, bfloat16, float16
-    or float64, without reading anything back to the host. ``grad_scale`` (float32 [1]) unscales
-    the grads; a nonzero ``found_inf`` (float32 [1]) leaves params, moments, importance, step
-    counters and thresholds unchanged. Returns the step's stats (int64 counts, int64 per-unit
-    thresholds): zeros and ``threshold.UNKNOWN`` for a skipped step. Callers go through
-    ``op.fused_step``, the ``torch.library`` op.
-    """
+) -> Plan:
+    """Every check of a group's step and its device tables, changing nothing (a step whose
+    ``tables.signature`` matches an earlier checked one reuses its tables unchecked): the
+    optimizer prepares all groups before it steps the first, so that a bad group leaves every
+    group as it was."""
     device = tensors[0].param.device
     if device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError(
@@ -131,9 +142,6 @@ def step_group(
             "kernel arguments to the host, but the kernels reach the tensors through device addresses"
         )
     block = _BLOCK.get(device.type, _BLOCK["cuda"])
-    options = _compile_options(device)
-    gated = hyper.density < 1.0
-    protect = hyper.mask == "protect"
     scored = functional.gated(tensors, hyper)
     unit_members = functional.gated_units(tensors, scored, hyper.scope)
     unit_of = [-1] * len(tensors)
@@ -144,7 +152,7 @@ def step_group(
     unit_known = [all(tensors[i].threshold_known for i in members) for members in unit_members]
 
     signature = tables.signature(tensors, scored, unit_of, unit_known, block, device)
-    group, host_counters = tables.checked_group(signature), False
+    group, host_counters, keep_alive = tables.checked_group(signature), False, ()
     if group is None:  # something changed since a step with these tensors: check it all again
         _check_device(tensors, device, grad_scale, found_inf)
         inputs = [tables.flat_inputs(t) for t in tensors]
@@ -154,8 +162,36 @@ def step_group(
         copied = any(grad is not t.grad or mask is not t.user_mask for t, (grad, mask) in zip(tensors, inputs))
         if not (copied or host_counters):  # tables that point at temporaries are never reused
             tables.remember_checked(signature, group)
+        keep_alive = (inputs, counters)
     elif grad_scale is not None and grad_scale.device != device or found_inf is not None and found_inf.device != device:
         _check_device(tensors, device, grad_scale, found_inf)
+    return Plan(device, block, group, unit_first, unit_known, host_counters, keep_alive)
+
+
+def step_group(
+    tensors: list[TensorState],
+    hyper: GroupHyper,
+    *,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    plan: Optional[Plan] = None,
+) -> tuple[Tensor, Tensor]:
+    """One MaskedAdamW step of one param group on the device, in place (``reference.step_group``).
+
+    Computes what ``reference.step_group`` computes, for params in float32, bfloat16, float16
+    or float64, without reading anything back to the host. ``grad_scale`` (float32 [1]) unscales
+    the grads; a nonzero ``found_inf`` (float32 [1]) leaves params, moments, importance, step
+    counters and thresholds unchanged. Returns the step's stats (int64 counts, int64 per-unit
+    thresholds): zeros and ``threshold.UNKNOWN`` for a skipped step. ``plan`` is this step's
+    ``prepare_group`` (made now if not given). Callers go through ``op.fused_step``, the
+    ``torch.library`` op, or ``op.step_group``.
+    """
+    if plan is None:
+        plan = prepare_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+    device, block, group, unit_first, unit_known = plan.device, plan.block, plan.group, plan.unit_first, plan.unit_known
+    options = _compile_options(device)
+    gated = hyper.density < 1.0
+    protect = hyper.mask == "protect"
     hyper_table = _hyper_table(hyper, device)
     counts = group.fresh_counts.clone()
     # this step's stats: the finish kernel fills them unless found_inf skipped the step (then
@@ -226,7 +262,7 @@ def step_group(
         BLOCK=_FINISH_BLOCK,
         **({} if device.type == "cpu" else {"num_warps": _NUM_WARPS}),
     )
-    if host_counters:
+    if plan.host_counters:
         for t in tensors:
             t.step += 1
             t.importance_step += 1

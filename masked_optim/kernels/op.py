@@ -137,12 +137,30 @@ def _direct_call_allowed(params: list[Tensor], grads: list[Tensor]) -> bool:
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def prepare_group(
+    tensors: list[TensorState],
+    hyper: GroupHyper,
+    *,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+):
+    """The eager step's checks and tables (``launch.prepare_group``), changing nothing; None
+    where the step goes through the op (under ``torch.compile`` or a mode: the op checks each
+    group as it steps it)."""
+    if not _direct_call_allowed([t.param for t in tensors], [t.grad for t in tensors]):
+        return None
+    from masked_optim.kernels import launch
+
+    return launch.prepare_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+
+
 def step_group(
     tensors: list[TensorState],
     hyper: GroupHyper,
     *,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    plan=None,
 ) -> GroupStats:
     """One group's Triton step: the registered op while ``torch.compile`` traces, under a
     dispatch or function mode (e.g. ``FakeTensorMode``) or for tensor subclasses, else the op's
@@ -153,13 +171,13 @@ def step_group(
     and packing the op's arguments and unpacking them again ~0.25 ms more; here the launcher
     gets the group's tensors as they are and only the params' versions are bumped (what
     autograd checks: a graph that saved a param before the step refuses to backward through
-    it, as with torch.optim).
+    it, as with torch.optim). ``plan``: this step's ``prepare_group``, if made.
     """
     params = [t.param for t in tensors]
     if _direct_call_allowed(params, [t.grad for t in tensors]):
         from masked_optim.kernels import launch
 
-        counts, unit_thresholds = launch.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+        counts, unit_thresholds = launch.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf, plan=plan)
         torch.autograd.graph.increment_version(params)
     else:
         counts, unit_thresholds = torch.ops.masked_optim.fused_step(*_op_args(tensors, hyper, grad_scale, found_inf))
