@@ -213,6 +213,21 @@ def test_non_dense_param_is_a_clear_error():
         optimizer.step()
 
 
+@pytest.mark.parametrize("threshold", [torch.tensor(-1, dtype=torch.int32), torch.full((2,), -1)], ids=["int32", "two-elements"])
+def test_a_threshold_the_kernel_cannot_address_is_a_clear_error(threshold):
+    """The kernel reads and writes state['threshold'] through an int64 address: one replaced by
+    another dtype or size is refused before anything changes (it was read out of bounds)."""
+    param = torch.nn.Parameter(torch.randn(30, 20))
+    optimizer = MaskedAdamW([param], lr=1e-2, density=0.5, backend="triton")
+    param.grad = torch.randn(30, 20)
+    optimizer.step()
+    optimizer.state[param]["threshold"] = threshold
+    before = param.detach().clone()
+    with pytest.raises(ValueError, match=r"state\['threshold'\] as a one-element int64 tensor, got torch\.int"):
+        optimizer.step()
+    assert torch.equal(param, before)
+
+
 def test_interpreter_is_active():
     """The comparisons above run the kernels, not a fallback: the interpreter is on."""
     assert os.environ.get("TRITON_INTERPRET") == "1"

@@ -149,6 +149,11 @@ def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
         tensor = getattr(t, name)
         if tensor is not None and tensor.dtype not in IMPORTANCE_DTYPES:
             raise ValueError(f"backend='triton' stores {name} in float32 or bfloat16, got {tensor.dtype}")
+    if t.threshold.dtype != torch.int64 or t.threshold.numel() != 1:
+        raise ValueError(
+            f"backend='triton' needs state['threshold'] as a one-element int64 tensor, got {t.threshold.dtype} "
+            f"of shape {tuple(t.threshold.shape)}"
+        )
     if t.anchor_param is not None and (t.anchor is None or t.anchor_param.dtype not in TRITON_DTYPES):
         raise ValueError(f"backend='triton' needs anchor_param ({t.anchor_param.dtype}) together with an anchor")
     return checked_inputs(t, "triton")
