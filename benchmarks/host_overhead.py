@@ -3,9 +3,9 @@
     PYTHONPATH=. python benchmarks/host_overhead.py [--density D] [--steps N] [--compiled]
 
 On GPT-2 small's 148 parameter tensors this is what the step costs the CPU before the GPU does
-any work: optimizer bookkeeping, the launcher's tables and the ``torch.library`` op's dispatch.
-A step is host-bound when this exceeds the kernel time (~36 B x 124M / bandwidth, ~1.5 ms on an
-H100). Runs on the CPU under ``TRITON_INTERPRET=1`` (set here), so it needs no GPU. At density
+any work: optimizer bookkeeping and the launcher's checks and tables (with ``--compiled``, also
+Dynamo's guards and the ``torch.library`` op's dispatch). A step is host-bound when this
+exceeds the kernel time (~36 B x 124M / bandwidth, ~1.3-1.5 ms on an H100). Runs on the CPU under ``TRITON_INTERPRET=1`` (set here), so it needs no GPU. At density
 < 1 the per-unit threshold math runs on the CPU here (on a GPU it is device work), so only the
 density-1 figure is host overhead.
 """

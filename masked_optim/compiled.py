@@ -334,6 +334,8 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
     # tensors, so if any of them lacks a known threshold (a new param, a grad that appears late,
     # set_mask) every one of them takes the first pass
     flat = [_flat_inputs(t) for t in tensors]  # every check before anything changes
+    if any(has_gate) and any(t.param.device.type == "cpu" for t in tensors):
+        cpu_histogram._library()  # built or loaded now: a failed build changes nothing
     first_pass = [False] * len(tensors)
     for members in gated_units(tensors, has_gate, hyper.scope):
         if not all(tensors[i].threshold_known for i in members):

@@ -128,7 +128,10 @@ def prepare(
     of the same step. A step over several groups prepares them all first, so that a group that
     cannot step leaves the others unchanged too."""
     if backend == "torch":
-        return None  # the reference has nothing to check ahead
+        from masked_optim import reference
+
+        reference.check_group(tensors)
+        return None
     if backend == "compile":
         from masked_optim import compiled
 

@@ -55,6 +55,15 @@ def _restored(value: Tensor, like: Optional[Tensor], device: torch.device, dtype
     return restored
 
 
+def _forget_stale_thresholds(states: list[dict[str, Any]], key: float) -> None:
+    """Reset to unknown the stored thresholds derived for other options than ``key``'s (done as
+    the step runs, after every group was checked: a step that raises changes nothing)."""
+    for state in states:
+        if state["threshold_for"] != key and state["threshold_for"] != -key:
+            state["threshold"].fill_(thr.UNKNOWN)
+            state["threshold_for"] = -key
+
+
 def _threshold_key(group: dict[str, Any]) -> float:
     """A positive number naming the options a stored threshold was derived for.
 
@@ -255,7 +264,8 @@ class MaskedAdamW(Optimizer):
 
     def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState], list[dict[str, Any]]]:
         """The group's params that have grads, each one's ``TensorState`` and its state dict
-        (created on first use; a stored threshold derived for other options is forgotten)."""
+        (created on first use). A stored threshold derived for other options is not known
+        (``threshold_known`` False); ``_forget_stale_thresholds`` resets it when the step runs."""
         params, tensors, states = [], [], []
         key = _threshold_key(group)
         state_of = self.state
@@ -266,10 +276,7 @@ class MaskedAdamW(Optimizer):
             state = state_of[param]
             if "threshold" not in state or "step" not in state or "importance_step" not in state:
                 state = self._init_state(param, group)
-            threshold_for = state["threshold_for"]
-            if threshold_for != key and threshold_for != -key:
-                state["threshold"].fill_(thr.UNKNOWN)
-                state["threshold_for"] = threshold_for = -key
+            threshold_for = state["threshold_for"]  # another key: the options changed (not known)
             params.append(param)
             states.append(state)
             if type(param) in _PLAIN and not param.is_complex():  # the common case, spelled cheaply
@@ -358,6 +365,7 @@ class MaskedAdamW(Optimizer):
                 stats.append(previous)
                 continue
             tensors, states, backend, hyper, plan = prepared
+            _forget_stale_thresholds(states, _threshold_key(group))
             result = functional.masked_adamw(
                 tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf, plan=plan,
             )

@@ -137,6 +137,27 @@ class GateBins:
         return thr.gate(self.bins, threshold, self.protect)
 
 
+def check_group(tensors: list[TensorState]) -> None:
+    """What would make a step fail part-way, checked before it changes anything (ValueError):
+    every state tensor has its param's shape and device, the moments, importance and anchors a
+    floating dtype, a user mask bool."""
+    for t in tensors:
+        param = t.param
+        for name in ("grad", "exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param", "user_mask"):
+            tensor = getattr(t, name)
+            if tensor is None:
+                continue
+            if tensor.shape != param.shape or tensor.device != param.device:
+                raise ValueError(
+                    f"{name} of shape {tuple(tensor.shape)} on {tensor.device} does not match its param "
+                    f"(shape {tuple(param.shape)} on {param.device})"
+                )
+            if name == "user_mask" and tensor.dtype != torch.bool:
+                raise ValueError(f"user_mask must be bool, got {tensor.dtype}")
+            if name not in ("grad", "user_mask") and not tensor.is_floating_point():
+                raise ValueError(f"{name} must have a floating dtype, got {tensor.dtype}")
+
+
 def step_group(
     tensors: list[TensorState],
     hyper: GroupHyper,
@@ -145,6 +166,7 @@ def step_group(
     found_inf: Optional[Tensor] = None,
 ) -> Optional[GroupStats]:
     """One MaskedAdamW step of one param group, in place. Returns device-side counts."""
+    check_group(tensors)
     lr = _value(hyper.lr)
     protect = hyper.mask == "protect"
     grads, lives, scores = [], [], []

@@ -63,22 +63,51 @@ def test_bad_group_edit_fails_step_before_any_change():
     assert_bitwise_equal(snapshot(opt), before)
 
 
-@pytest.mark.parametrize("first_backend", ["torch", "compile", "triton"])
-@pytest.mark.parametrize("backend", ["compile", "triton"])
-def test_a_group_that_cannot_step_leaves_every_group_unchanged(first_backend, backend):
-    """Every group is checked (its compiles and tables made) before the first one steps: a later
-    group whose state is no longer laid out like its param raises, and the groups before it stay
-    as they were (params, moments, importance, counters, thresholds)."""
+def _two_groups_stepped(first_backend: str, backend: str):
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(8, generator=gen).requires_grad_()
     b = torch.randn(4, 6, generator=gen).requires_grad_()
     opt = MaskedAdamW([{"params": [a], "backend": first_backend}, {"params": [b], "backend": backend}], lr=0.1, density=0.5)
     set_random_grads([a, b], gen)
     opt.step()
-    b.data = b.data.t().contiguous().t()  # the param changes layout; its state does not
     set_random_grads([a, b], gen)
+    opt.param_groups[0]["density"] = 0.25  # the first group's stored threshold goes stale
+    return opt, a, b
+
+
+@pytest.mark.parametrize("first_backend", ["torch", "compile", "triton"])
+@pytest.mark.parametrize("backend, cause", [
+    ("compile", "layout"), ("triton", "layout"), ("torch", "shape"), ("compile", "shape"), ("triton", "shape"),
+])
+def test_a_group_that_cannot_step_leaves_every_group_unchanged(first_backend, backend, cause):
+    """Every group is checked (its compiles and tables made) before the first one steps: a later
+    group whose state no longer fits its param raises, and the groups before it stay as they were
+    (params, moments, importance, counters, thresholds, even one an option change made stale)."""
+    opt, a, b = _two_groups_stepped(first_backend, backend)
+    if cause == "layout":
+        b.data = b.data.t().contiguous().t()  # the param changes layout; its state does not
+        message = f"backend='{backend}' needs exp_avg laid out like its param"
+    else:
+        opt.state[b]["exp_avg"] = torch.zeros(6, 4)
+        message = r"exp_avg .*shape \(6, 4\)"
     before = snapshot(opt)
-    with pytest.raises(ValueError, match=f"backend='{backend}' needs exp_avg laid out like its param"):
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert_bitwise_equal(snapshot(opt), before)
+
+
+def test_a_histogram_library_that_cannot_be_built_changes_nothing(monkeypatch):
+    """The compile backend's C++ histogram is built (or loaded) while the step is checked."""
+    from masked_optim import cpu_histogram
+
+    opt, a, b = _two_groups_stepped("torch", "compile")
+
+    def no_library():
+        raise RuntimeError("backend='compile' needs a C++ compiler")
+
+    monkeypatch.setattr(cpu_histogram, "_library", no_library)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
         opt.step()
     assert_bitwise_equal(snapshot(opt), before)
 

@@ -1,7 +1,7 @@
 """``torch.ops.masked_optim.fused_step``: the Triton step registered through ``torch.library``.
 
-Every ``backend="triton"`` step runs this op's implementation: through the op while
-``torch.compile`` traces, directly in eager mode (``step_group``). Registering it lets
+Every ``backend="triton"`` step runs the launcher (``launch.step_group``): through this op
+while ``torch.compile`` traces, directly in eager mode (``step_group``). Registering it lets
 ``torch.compile`` trace a training step with the optimizer inside without a graph break: Dynamo
 and AOTAutograd see one opaque op that mutates the params and state in place (its fake
 implementation only allocates the two small stats outputs), and Inductor calls the real
@@ -163,8 +163,8 @@ def step_group(
     plan=None,
 ) -> GroupStats:
     """One group's Triton step: the registered op while ``torch.compile`` traces, under a
-    dispatch or function mode (e.g. ``FakeTensorMode``) or for tensor subclasses, else the op's
-    implementation called directly.
+    dispatch or function mode (e.g. ``FakeTensorMode``) or for tensor subclasses, else the
+    launcher called directly with the group's ``TensorState``s.
 
     Eagerly the dispatcher would only add its wrappers and bump the version counter of every
     mutated tensor, ~2 ms of host time per step on GPT-2 small's 148 tensors (7 state lists),

@@ -8,7 +8,7 @@ builds them once and then only hashes the addresses; and a step whose ``signatur
 dtype, shape and strides of every tensor, and the gating) matches an earlier checked step
 reuses its tables without repeating the per-tensor checks. (With the eager call that skips the
 op dispatcher, ``op.step_group``, the host-side cost of a step of GPT-2 small's 148 tensors went
-from ~11 ms to ~0.85 ms on a 2-core CPU, about 40% of it the signature:
+from ~11 ms to ~0.85 ms on a 2-core CPU, about a third of it the signature:
 ``benchmarks/host_overhead.py``.)
 """
 from __future__ import annotations
@@ -91,8 +91,8 @@ def signature(tensors: list[TensorState], scored: list[bool], unit_of: list[int]
     may skip ``flat_inputs``' and ``_counters``' checks. Addresses alone are not enough: a freed
     tensor's memory is reused by the next allocation of the same size, e.g. a transposed
     ``set_mask`` mask after a contiguous one. One flat tuple, a fixed number of fields per
-    tensor: each attribute read costs ~0.1 us on a slow CPU, ~0.25 ms a step for GPT-2 small's
-    148 tensors, most of the fast path's host time.
+    tensor: each attribute read costs ~0.1 us on a slow CPU, ~0.3 ms a step for GPT-2 small's
+    148 tensors, about a third of the fast path's host time.
     """
     parts: list = [device, block, tuple(unit_known)]
     extend = parts.extend
@@ -117,7 +117,7 @@ def checked_group(key: tuple) -> Optional[GroupTables]:
     """The tables of an earlier step with this ``signature`` whose inputs passed every check.
 
     One hash and one comparison of the key, no reordering: ``move_to_end`` would hash the
-    ~4,000-element key of a GPT-2 step again (~40 us), so the oldest entry is dropped first.
+    ~6,000-element key of a GPT-2 step again (~40 us), so the oldest entry is dropped first.
     """
     return _checked.get(key)
 
