@@ -223,8 +223,9 @@ class MaskedAdamW(Optimizer):
             return torch.int64
         return None
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        state = self.state[param]
+    def _init_state(self, param: Tensor, group: dict[str, Any], state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Fill in ``param``'s missing state entries, in ``state`` if given, else in ``self.state``."""
+        state = self.state[param] if state is None else state
         if "step" in state and "importance_step" in state and "threshold" in state:
             return state  # the steady state: nothing to create
 
@@ -262,20 +263,23 @@ class MaskedAdamW(Optimizer):
                 dtype = torch.bool if key == "user_mask" else self._state_dtype(key, param, group)
                 state[key] = torch.zeros_like(like, dtype=dtype)
 
-    def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState], list[dict[str, Any]]]:
+    def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState], list[dict[str, Any]], list]:
         """The group's params that have grads, each one's ``TensorState`` and its state dict
         (created on first use). A stored threshold derived for other options is not known
-        (``threshold_known`` False); ``_forget_stale_thresholds`` resets it when the step runs."""
-        params, tensors, states = [], [], []
+        (``threshold_known`` False); ``_forget_stale_thresholds`` resets it when the step runs.
+        State a param lacks is made in a new dict, listed in ``fresh`` (param, state): the caller
+        stores it (``_keep_fresh``) once the step cannot fail any more."""
+        params, tensors, states, fresh = [], [], [], []
         key = _threshold_key(group)
         state_of = self.state
         for param in group["params"]:
             grad = param.grad
             if grad is None:
                 continue
-            state = state_of[param]
-            if "threshold" not in state or "step" not in state or "importance_step" not in state:
-                state = self._init_state(param, group)
+            state = state_of.get(param)
+            if state is None or "threshold" not in state or "step" not in state or "importance_step" not in state:
+                state = self._init_state(param, group, dict(state or {}))
+                fresh.append((param, state))
             threshold_for = state["threshold_for"]  # another key: the options changed (not known)
             params.append(param)
             states.append(state)
@@ -298,7 +302,11 @@ class MaskedAdamW(Optimizer):
                     user_mask=_real_mask(local(state.get("user_mask")), param),
                 )
             )
-        return params, tensors, states
+        return params, tensors, states, fresh
+
+    def _keep_fresh(self, fresh: list[tuple[Tensor, dict[str, Any]]]) -> None:
+        for param, state in fresh:
+            self.state[param] = state
 
     def _check_grads(self) -> None:
         for group in self.param_groups:
@@ -348,7 +356,7 @@ class MaskedAdamW(Optimizer):
         # a group that cannot step leaves all of them unchanged
         steps = []
         for group in self.param_groups:
-            params, tensors, states = self._tensor_states(group)
+            params, tensors, states, fresh = self._tensor_states(group)
             if not tensors:
                 steps.append(None)
                 continue
@@ -357,14 +365,15 @@ class MaskedAdamW(Optimizer):
                 backend = "torch"  # the compile backend steps dense params only
             hyper = GroupHyper.from_group(group)
             plan = functional.prepare(tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
-            steps.append((tensors, states, backend, hyper, plan))
+            steps.append((tensors, states, fresh, backend, hyper, plan))
         stats: list[Optional[GroupStats]] = []
         for index, (group, prepared) in enumerate(zip(self.param_groups, steps)):
             previous = self._last_stats[index] if index < len(self._last_stats) else None
             if prepared is None:
                 stats.append(previous)
                 continue
-            tensors, states, backend, hyper, plan = prepared
+            tensors, states, fresh, backend, hyper, plan = prepared
+            self._keep_fresh(fresh)
             _forget_stale_thresholds(states, _threshold_key(group))
             result = functional.masked_adamw(
                 tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf, plan=plan,
@@ -396,9 +405,10 @@ class MaskedAdamW(Optimizer):
             scale = value
         self._check_grads()
         for group in self.param_groups:
-            _, tensors, _ = self._tensor_states(group)
+            _, tensors, _, fresh = self._tensor_states(group)
             if not tensors:
                 continue
+            self._keep_fresh(fresh)
             device_scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=tensors[0].param.device)
             functional.observe(tensors, GroupHyper.from_group(group), backend="torch", grad_scale=device_scale)
 

@@ -67,10 +67,11 @@ def _two_groups_stepped(first_backend: str, backend: str):
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(8, generator=gen).requires_grad_()
     b = torch.randn(4, 6, generator=gen).requires_grad_()
-    opt = MaskedAdamW([{"params": [a], "backend": first_backend}, {"params": [b], "backend": backend}], lr=0.1, density=0.5)
+    late = torch.randn(5, generator=gen).requires_grad_()  # its first grad comes with the failing step
+    opt = MaskedAdamW([{"params": [a, late], "backend": first_backend}, {"params": [b], "backend": backend}], lr=0.1, density=0.5)
     set_random_grads([a, b], gen)
     opt.step()
-    set_random_grads([a, b], gen)
+    set_random_grads([a, late, b], gen)
     opt.param_groups[0]["density"] = 0.25  # the first group's stored threshold goes stale
     return opt, a, b
 
@@ -82,7 +83,8 @@ def _two_groups_stepped(first_backend: str, backend: str):
 def test_a_group_that_cannot_step_leaves_every_group_unchanged(first_backend, backend, cause):
     """Every group is checked (its compiles and tables made) before the first one steps: a later
     group whose state no longer fits its param raises, and the groups before it stay as they were
-    (params, moments, importance, counters, thresholds, even one an option change made stale)."""
+    (params, moments, importance, counters, thresholds, even one an option change made stale;
+    no state for a param that had none)."""
     opt, a, b = _two_groups_stepped(first_backend, backend)
     if cause == "layout":
         b.data = b.data.t().contiguous().t()  # the param changes layout; its state does not

@@ -228,6 +228,19 @@ def test_a_threshold_the_kernel_cannot_address_is_a_clear_error(threshold):
     assert torch.equal(param, before)
 
 
+def test_counters_a_scaled_step_cannot_read_on_the_device_are_named():
+    param = torch.nn.Parameter(torch.randn(6))
+    optimizer = MaskedAdamW([param], backend="triton")
+    param.grad = torch.randn(6)
+    optimizer.step()
+    optimizer.state[param]["step"] = optimizer.state[param]["step"].double()
+    optimizer.grad_scale, optimizer.found_inf = torch.ones(()), torch.zeros(1)
+    before = param.detach().clone()
+    with pytest.raises(RuntimeError, match=r"one-element float32 step counters on cpu \(found torch\.float64 of 1 elements on cpu\)"):
+        optimizer.step()
+    assert torch.equal(param, before)
+
+
 def test_interpreter_is_active():
     """The comparisons above run the kernels, not a fallback: the interpreter is on."""
     assert os.environ.get("TRITON_INTERPRET") == "1"

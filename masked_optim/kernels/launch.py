@@ -78,10 +78,12 @@ def _counters(tensors: list[TensorState], device: torch.device, found_inf: Optio
     if on_device:
         return [(t.step, t.importance_step) for t in tensors], False
     if found_inf is not None:
+        odd = next(c for t in tensors for c in (t.step, t.importance_step)
+                   if not (c.device == device and c.dtype == torch.float32 and c.numel() == 1))
         raise RuntimeError(
-            f"backend='triton' under a GradScaler needs the step counters on {device} (found "
-            f"{tensors[0].step.device}): the skipped-step check happens on the device. Move "
-            f"state['step'] and state['importance_step'] to the param's device."
+            f"backend='triton' under a GradScaler needs one-element float32 step counters on {device} "
+            f"(found {odd.dtype} of {odd.numel()} elements on {odd.device}): the skipped-step check happens "
+            f"on the device. Make state['step'] and state['importance_step'] float32 on the param's device."
         )
     copies = torch.stack([c.detach().reshape(()).float() for t in tensors for c in (t.step, t.importance_step)]).to(device)
     return [(copies[2 * i], copies[2 * i + 1]) for i in range(len(tensors))], True
