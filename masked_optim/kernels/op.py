@@ -174,7 +174,7 @@ def step_group(
     it, as with torch.optim). ``plan``: this step's ``prepare_group``, if made.
     """
     params = [t.param for t in tensors]
-    if _direct_call_allowed(params, [t.grad for t in tensors]):
+    if plan is not None or _direct_call_allowed(params, [t.grad for t in tensors]):  # a plan: it was
         from masked_optim.kernels import launch
 
         counts, unit_thresholds = launch.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf, plan=plan)
