@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from masked_optim import batches as batching
 from masked_optim import cpu_histogram
 from masked_optim import threshold as thr
 from masked_optim.functional import (
@@ -219,6 +220,8 @@ def _compiled(name: str):
 _FUNCTIONS = {"fused_step": fused_step, "importance_pass": importance_pass}
 #: positions of each function's param-sized arguments (the others: thresholds, scalars)
 _ELEMENTWISE = {"fused_step": (0, 1, 2, 3, 4, 5, 6, 7, 10), "importance_pass": (0, 1, 2, 3, 5)}
+#: position of the threshold: 0-d (one unit), or 1-D and param-sized (a batch of several units)
+_THRESHOLD = {"fused_step": 8}
 #: the variants this process has compiled: (function, device, each argument's dtype, options);
 #: after ``torch._dynamo.reset()`` a lost variant is compiled again by the step itself
 _READY: set = set()
@@ -228,17 +231,19 @@ def _prepare(name: str, args: tuple, kwargs: dict) -> None:
     """Compile the variant a call needs on two-element stand-ins of its param-sized arguments,
     unless this process has it already: a step then compiles every variant it needs before it
     changes anything, so a compiler failure leaves nothing half-applied."""
-    if args[0].numel() < MIN_COMPILED_NUMEL:
-        return
-    key = (name, args[0].device, tuple(None if a is None else a.dtype for a in args), tuple(kwargs.items()))
-    if key in _READY:  # (every argument's rank is fixed by its position)
+    key = (name, args[0].device, tuple(None if a is None else (a.dtype, a.dim()) for a in args), tuple(kwargs.items()))
+    if key in _READY:
         return
     stand_ins = [
-        None if a is None else torch.zeros(2, dtype=a.dtype, device=a.device) if index in _ELEMENTWISE[name] else a.clone()
+        None if a is None else torch.zeros(2, dtype=a.dtype, device=a.device) if _elementwise(name, index, a) else a.clone()
         for index, a in enumerate(args)
     ]
     _compiled_function(name)(*stand_ins, **kwargs)
     _READY.add(key)
+
+
+def _elementwise(name: str, index: int, arg: Tensor) -> bool:
+    return index in _ELEMENTWISE[name] or (index == _THRESHOLD.get(name) and arg.dim() == 1)
 
 
 #: one reused int32 buffer per device (and thread) for a tensor's score bins, grown to the
@@ -287,9 +292,10 @@ def _flat_inputs(t: TensorState) -> tuple[Optional[Tensor], ...]:
     # instead of 13.2 ms on 2 cores)
     grad_of = getattr(param, "grad", None)
     source = param.detach() if grad_of is not None and grad_of.dtype != param.dtype else param
-    return tuple(None if x is None else memory_order_view(x) for x in (
-        source, grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask,
-    ))
+    inputs = (source, grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask)
+    if param.dim() == 1:  # dense, and every input laid out like it (checked): 1-D views already
+        return inputs
+    return tuple(None if x is None else memory_order_view(x) for x in inputs)
 
 
 @dataclass
@@ -299,6 +305,8 @@ class Plan:
     flat: list[tuple]  # each tensor's inputs as 1-D views in its param's memory order
     has_gate: list[bool]
     calls: list[tuple]  # per tensor: the first pass's options (or None), the step's, binned
+    batches: list[batching.Batch]  # small tensors stepped as one (``batches``)
+    batched: list[bool]  # per tensor: whether it is a member of a batch
 
 
 def prepare_group(tensors: list[TensorState], hyper: GroupHyper, *, grad_scale: Optional[Tensor] = None) -> Plan:
@@ -337,7 +345,8 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
     if any(has_gate) and any(t.param.device.type == "cpu" for t in tensors):
         cpu_histogram._library()  # built or loaded now: a failed build changes nothing
     first_pass = [False] * len(tensors)
-    for members in gated_units(tensors, has_gate, hyper.scope):
+    units = gated_units(tensors, has_gate, hyper.scope)
+    for members in units:
         if not all(tensors[i].threshold_known for i in members):
             for i in members:
                 first_pass[i] = True
@@ -356,18 +365,46 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
         )
         binned = has_gate[i] and not first_pass[i] and not protect
         calls.append((first, step, binned))
-        if t.param.numel() == 0:
-            continue
-        param, grad, _, _, importance, anchor, _, _ = flat[i]
-        if first is not None:
-            _prepare("importance_pass", (param, grad, importance, anchor, scalars_like, bins_like), first)
-        gate_like = threshold_like if has_gate[i] else None
-        _prepare("fused_step", (*flat[i], gate_like, scalars_like, bins_like if binned else None), step)
-    return Plan(flat=flat, has_gate=has_gate, calls=calls)
+    batches = _batches(tensors, flat, calls, units)
+    batched = [False] * len(tensors)
+    for batch in batches:
+        for i in batch.members:
+            batched[i] = True
+    likes = (scalars_like, bins_like)
+    for i, t in enumerate(tensors):  # each call's variant, compiled now
+        if t.param.numel() >= MIN_COMPILED_NUMEL and not batched[i]:
+            _prepare_calls(calls[i], flat[i], threshold_like if has_gate[i] else None, *likes)
+    for batch in batches:
+        first = batch.members[0]
+        gate_like = None if not has_gate[first] else threshold_like if batch.shared_gate else threshold_like.reshape(1)
+        _prepare_calls(calls[first], flat[first], gate_like, *likes)
+    return Plan(flat=flat, has_gate=has_gate, calls=calls, batches=batches, batched=batched)
+
+
+def _prepare_calls(call: tuple, inputs: tuple, gate_like: Optional[Tensor], scalars_like: Tensor, bins_like: Tensor) -> None:
+    """Compile the variants of one tensor's (or batch's) calls (``_prepare``)."""
+    first, step, binned = call
+    param, grad, _, _, importance, anchor, _, _ = inputs
+    if first is not None:
+        _prepare("importance_pass", (param, grad, importance, anchor, scalars_like, bins_like), first)
+    _prepare("fused_step", (*inputs, gate_like, scalars_like, bins_like if binned else None), step)
+
+
+def _batches(tensors: list[TensorState], flat: list[tuple], calls: list[tuple], units: list[list[int]]) -> list[batching.Batch]:
+    """Small tensors that step as one: same device, input dtypes, options and step counts."""
+    keys = []
+    for t, inputs, (first, step, binned) in zip(tensors, flat, calls):
+        numel = t.param.numel()
+        keys.append(None if not 0 < numel <= batching.MAX_BATCHED_NUMEL else (
+            t.param.device, *[None if x is None else x.dtype for x in inputs],  # (every tensor's option
+            None if first is None else tuple(first.values()), *step.values(), binned,  # dicts have the same
+            t.step.item(), t.importance_step.item(),  # keys in the same order)
+        ))
+    return batching.group(keys, [t.param.numel() for t in tensors], units, [t.param.device for t in tensors])
 
 
 def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor], plan: Plan) -> GroupStats:
-    flat, has_gate, calls = plan.flat, plan.has_gate, plan.calls
+    flat, has_gate, calls, batched = plan.flat, plan.has_gate, plan.calls, plan.batched
     device = tensors[0].param.device if tensors else torch.device("cpu")
     # each tensor's histogram is counted right after the pass that bins its scores, so that one
     # scratch buffer of bins serves every tensor; the histograms go to consecutive rows of one
@@ -377,35 +414,61 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     scratch_rows = _histograms_scratch(device, len(gated_rows)) if gated_rows else None
     row_of = {i: scratch_rows[r] for r, i in enumerate(gated_rows)}
     histograms = [(lambda i=i: counted[i]) if gated else None for i, gated in enumerate(has_gate)]
+
+    def count(members: list[int], bins: list[Tensor], masks: list[Optional[Tensor]]) -> None:
+        for i, piece, where in zip(members, bins, masks):
+            counted[i] = _histogram(piece, where, row_of[i])
+
     if tensors:  # one call per counter list, not two per tensor
         torch._foreach_add_([t.step for t in tensors], 1)
         torch._foreach_add_([t.importance_step for t in tensors], 1)
     packed: dict[tuple[float, float, torch.device], Tensor] = {}  # tensors at the same step share their scalars
-    scalars = []
+    scalars: list[Optional[Tensor]] = [None] * len(tensors)
+    leads = {batch.members[0] for batch in plan.batches}
     for i, t in enumerate(tensors):
+        if batched[i] and i not in leads:
+            continue  # a batch's members are at one step: its first member's scalars serve
         key = (float(t.step), float(t.importance_step), t.param.device)
         if key not in packed:
             packed[key] = _scalars(key[0], key[1], hyper, grad_scale, t.param.device)
-        scalars.append(packed[key])
+        scalars[i] = packed[key]
+    for i, t in enumerate(tensors):
         if t.param.numel() == 0:
             if has_gate[i]:
                 counted[i] = row_of[i].zero_()
-        elif calls[i][0] is not None:  # this step's scores set the gate
+        elif calls[i][0] is not None and not batched[i]:  # this step's scores set the gate
             out = _bins_scratch(t.param.device, t.param.numel())
             param, grad, _, _, importance, anchor, _, mask = flat[i]
             _compiled("importance_pass")(param, grad, importance, anchor, scalars[i], out, **calls[i][0])
-            counted[i] = _histogram(out, mask, row_of[i])
+            count([i], [out], [mask])
+    gathered = batching.gather(flat, plan.batches)  # before any member changes
+    for batch, inputs in zip(plan.batches, gathered):
+        first = batch.members[0]
+        if calls[first][0] is not None:
+            param, grad, _, _, importance, anchor, _, mask = inputs
+            out = _bins_scratch(param.device, batch.numel)
+            _compiled("importance_pass")(param, grad, importance, anchor, scalars[first], out, **calls[first][0])
+            count(batch.members, batching.pieces(out, batch), batching.pieces(mask, batch))
     gates, per_unit = gate_thresholds(tensors, histograms, hyper)
     counts_per_tensor = [torch.zeros(3, dtype=torch.int64, device=device)]
     for i, t in enumerate(tensors):
-        if t.param.numel() == 0:
+        if t.param.numel() == 0 or batched[i]:
             continue
         _, step, binned = calls[i]
         out = _bins_scratch(t.param.device, t.param.numel()) if binned else None
         counts = _compiled("fused_step")(*flat[i], gates[i], scalars[i], out, **step)
         if out is not None:
-            counted[i] = _histogram(out, flat[i][7], row_of[i])
+            count([i], [out], [flat[i][7]])
         counts_per_tensor.append(counts)
+    for batch, inputs in zip(plan.batches, gathered):
+        first = batch.members[0]
+        _, step, binned = calls[first]
+        gate = None if gates[first] is None else gates[first] if batch.shared_gate else batching.element_thresholds(gates, batch)
+        out = _bins_scratch(inputs[0].device, batch.numel) if binned else None
+        counts_per_tensor.append(_compiled("fused_step")(*inputs, gate, scalars[first], out, **step))
+        if out is not None:
+            count(batch.members, batching.pieces(out, batch), batching.pieces(inputs[7], batch))
+        batching.scatter(flat, batch, inputs)
     for t, following in zip(tensors, next_thresholds(tensors, histograms, hyper)):
         if following is not None:
             t.threshold.copy_(following)

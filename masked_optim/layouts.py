@@ -57,10 +57,16 @@ def checked_inputs(t: TensorState, backend: str) -> tuple[Tensor, Optional[Tenso
     if not (param.is_contiguous() or is_dense(param)):
         raise ValueError(f"backend={backend!r} needs dense params (any dimension order), got strides {param.stride()} "
                          f"for shape {tuple(param.shape)}; use backend='torch'")
+    contiguous, shape = param.is_contiguous(), param.shape
     for name in STATE_LIKE_PARAM:
         tensor = getattr(t, name)
-        if tensor is not None and not same_layout(tensor, param):
+        if tensor is None or (contiguous and tensor.shape == shape and tensor.is_contiguous()):
+            continue  # the common case, checked cheaply (a step's host time is ~10 us a tensor)
+        if not same_layout(tensor, param):
             raise ValueError(f"backend={backend!r} needs {name} laid out like its param (shape {tuple(param.shape)}, "
                              f"strides {param.stride()}), got shape {tuple(tensor.shape)}, strides {tensor.stride()}")
     mask = None if t.user_mask is None else in_param_layout(t.user_mask, param)
-    return in_param_layout(t.grad, param), mask
+    grad = t.grad
+    if not (contiguous and grad.shape == shape and grad.is_contiguous()):
+        grad = in_param_layout(grad, param)
+    return grad, mask

@@ -11,6 +11,23 @@ from masked_optim import threshold as thr
 @pytest.mark.parametrize("numel", [0, 1, 2, 3, 4097, thr.NUM_BINS - 1, thr.NUM_BINS, 1 << 20])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
 def test_matches_bincount(numel, masked):
+    _check_against_bincount(numel, masked)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
+def test_threads_split_the_count(threads, masked):
+    """Above ``MIN_PARALLEL`` elements, as many threads as torch may use each count a range
+    (an odd count: the last range is longer)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_against_bincount(cpu_histogram.MIN_PARALLEL * 2 + 3 * 64 + 5, masked)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_against_bincount(numel, masked):
     gen = torch.Generator().manual_seed(numel)
     # scores of a real step: few bins hold most elements, runs of equal bins
     bins = thr.score_bins(torch.exp(torch.randn(numel, generator=gen) * 0.5 - 8))
