@@ -13,6 +13,7 @@ different units).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Hashable, Optional
@@ -109,13 +110,21 @@ def gather(flat: list[tuple[Optional[Tensor], ...]], batches: list[Batch]) -> li
     return gathered
 
 
+@functools.lru_cache(maxsize=None)
+def _openmp() -> bool:
+    """Whether ATen's intra-op threads are OpenMP's: only then may the thread count change
+    between steps (the native backend warns and ignores it once parallel work has started)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 @contextlib.contextmanager
 def _one_thread():
     """This thread's torch ops on one thread: ``torch.cat`` of many small CPU tensors then
     takes its serial kernel (one loop, ~0.25 us a tensor) instead of a parallel copy per input
-    (~3 us each, waking the other threads)."""
+    (~3 us each, waking the other threads). Under OpenMP the count is this thread's own
+    setting (``omp_set_num_threads``), restored on the way out."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or not _openmp():
         yield
         return
     torch.set_num_threads(1)

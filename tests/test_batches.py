@@ -117,3 +117,21 @@ def test_element_thresholds_expand_each_members_threshold():
     batch = batches.group(["k"] * 3, [2, 1, 3], units=[[0], [1], [2]], devices=[torch.device("cpu")] * 3)[0]
     gates = [torch.tensor([5]), torch.tensor(7), torch.tensor([9])]
     assert batches.element_thresholds(gates, batch).tolist() == [5, 5, 7, 9, 9, 9]
+
+
+def test_gather_restores_the_thread_count():
+    """``gather`` concatenates on one thread (torch.cat's serial kernel) and gives the thread
+    count back, also when the concatenation fails."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        flat = [tuple(torch.randn(n) for _ in range(8)) for n in (3, 4)]
+        batch = batches.group(["k"] * 2, [3, 4], units=[], devices=[torch.device("cpu")] * 2)[0]
+        batches.gather(flat, [batch])
+        assert torch.get_num_threads() == 2
+        flat[1] = tuple(x.reshape(2, 2) if j == 2 else x for j, x in enumerate(flat[1]))  # 1-D and 2-D: refused
+        with pytest.raises(RuntimeError):
+            batches.gather(flat, [batch])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
