@@ -12,8 +12,6 @@ different units).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import threading
 from dataclasses import dataclass
 from typing import Hashable, Optional
@@ -30,6 +28,12 @@ MAX_BATCHED_NUMEL = 16384
 WRITTEN = (0, 2, 3, 4)
 
 
+#: ``torch.cat`` of fewer elements takes its serial CPU kernel (one loop, ~0.25 us an input);
+#: from ATen's grain size on it copies each input in a parallel region of its own (~3 us each
+#: on 2 cores), so a batch is gathered in chunks below it
+CAT_CHUNK = 32768
+
+
 @dataclass
 class Batch:
     """Tensors (their indices in the group) stepped as one."""
@@ -38,6 +42,7 @@ class Batch:
     sizes: list[int]
     sizes_on_device: Tensor  # to expand per-member thresholds to elements
     shared_gate: bool  # every member in one unit: one threshold for the batch
+    chunks: list[tuple[int, int, int, int]]  # gathered as (first, last) members into [begin, end)
 
     @property
     def numel(self) -> int:
@@ -65,8 +70,23 @@ def group(
             sizes=member_sizes,
             sizes_on_device=torch.tensor(member_sizes, device=devices[members[0]]),
             shared_gate=len({unit_of.get(i) for i in members}) == 1,
+            chunks=_chunks(member_sizes),
         ))
     return batches
+
+
+def _chunks(sizes: list[int]) -> list[tuple[int, int, int, int]]:
+    """Consecutive runs of members of fewer than ``CAT_CHUNK`` elements together (a member as
+    large alone makes a run of its own): (first, last) member, [begin, end) elements."""
+    chunks = []
+    first = begin = end = 0
+    for k, size in enumerate(sizes):
+        if k > first and end + size - begin >= CAT_CHUNK:
+            chunks.append((first, k, begin, end))
+            first, begin = k, end
+        end += size
+    chunks.append((first, len(sizes), begin, end))
+    return chunks
 
 
 #: reused gather buffers, one per device and dtype (and thread): fresh ones each step cost
@@ -86,7 +106,8 @@ def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
 def gather(flat: list[tuple[Optional[Tensor], ...]], batches: list[Batch]) -> list[list[Optional[Tensor]]]:
     """Each batch's members' flat inputs, each kind concatenated into one buffer (None where
     the members have none); the buffers are pieces of reused per-thread scratch, valid until
-    the next ``gather`` in this thread."""
+    the next ``gather`` in this thread. Concatenated in chunks of fewer than ``CAT_CHUNK``
+    elements (``torch.cat``'s serial kernel; no thread count is changed)."""
     kinds = [[None if x is None else (x.device, x.dtype) for x in flat[batch.members[0]]] for batch in batches]
     needed: dict[tuple[torch.device, torch.dtype], int] = {}
     for batch, batch_kinds in zip(batches, kinds):
@@ -96,42 +117,20 @@ def gather(flat: list[tuple[Optional[Tensor], ...]], batches: list[Batch]) -> li
     scratch = {kind: _scratch(*kind, numel) for kind, numel in needed.items()}
     offsets = dict.fromkeys(needed, 0)
     gathered = []
-    with _one_thread():
-        for batch, batch_kinds in zip(batches, kinds):
-            inputs: list[Optional[Tensor]] = []
-            for j, kind in enumerate(batch_kinds):
-                if kind is None:
-                    inputs.append(None)
-                    continue
-                start = offsets[kind]
-                offsets[kind] = start + batch.numel
-                inputs.append(torch.cat([flat[i][j] for i in batch.members], out=scratch[kind][start:start + batch.numel]))
-            gathered.append(inputs)
+    for batch, batch_kinds in zip(batches, kinds):
+        inputs: list[Optional[Tensor]] = []
+        for j, kind in enumerate(batch_kinds):
+            if kind is None:
+                inputs.append(None)
+                continue
+            start = offsets[kind]
+            offsets[kind] = start + batch.numel
+            buffer = scratch[kind][start:start + batch.numel]
+            for first, last, begin, end in batch.chunks:
+                torch.cat([flat[i][j] for i in batch.members[first:last]], out=buffer[begin:end])
+            inputs.append(buffer)
+        gathered.append(inputs)
     return gathered
-
-
-@functools.lru_cache(maxsize=None)
-def _openmp() -> bool:
-    """Whether ATen's intra-op threads are OpenMP's: only then may the thread count change
-    between steps (the native backend warns and ignores it once parallel work has started)."""
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """This thread's torch ops on one thread: ``torch.cat`` of many small CPU tensors then
-    takes its serial kernel (one loop, ~0.25 us a tensor) instead of a parallel copy per input
-    (~3 us each, waking the other threads). Under OpenMP the count is this thread's own
-    setting (``omp_set_num_threads``), restored on the way out."""
-    threads = torch.get_num_threads()
-    if threads == 1 or not _openmp():
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def pieces(buffer: Optional[Tensor], batch: Batch) -> list[Optional[Tensor]]:

@@ -288,13 +288,11 @@ def _flat_inputs(t: TensorState) -> tuple[Optional[Tensor], ...]:
     anything (``layouts.checked_inputs``: any dense param layout steps)."""
     param = t.param
     grad, mask = checked_inputs(t, "compile")
-    # Dynamo looks at a param's .grad too and refuses one of another dtype than the param's
-    # grad_dtype: such a param goes in detached (same storage and version counter). Only such a
-    # one: Inductor's step for a detached param ran slower (16M, bf16 importance: 16.5 ms
-    # instead of 13.2 ms on 2 cores)
-    grad_of = getattr(param, "grad", None)
-    source = param.detach() if grad_of is not None and grad_of.dtype != param.dtype else param
-    inputs = (source, grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask)
+    # every param goes in detached (a plain tensor, same storage and version counter), as the
+    # stand-ins its variant was compiled on: Dynamo guards on a Parameter's type and
+    # requires_grad and keeps its shape static, so a Parameter compiled a variant of its own in
+    # the step, one per size (and Dynamo refuses a param whose .grad has another dtype)
+    inputs = (param.detach(), grad, t.exp_avg, t.exp_avg_sq, t.importance, t.anchor, t.anchor_param, mask)
     if param.dim() == 1:  # dense, and every input laid out like it (checked): 1-D views already
         return inputs
     return tuple(None if x is None else memory_order_view(x) for x in inputs)
@@ -394,10 +392,16 @@ def _prepare_calls(call: tuple, inputs: tuple, gate_like: Optional[Tensor], scal
 
 def _batches(tensors: list[TensorState], flat: list[tuple], calls: list[tuple], units: list[list[int]]) -> list[batching.Batch]:
     """Small tensors that step as one: same device, input dtypes, options and step counts."""
+    small = [0 < t.param.numel() <= batching.MAX_BATCHED_NUMEL for t in tensors]
+    seen: set[int] = set()
+    repeated: set[int] = set()  # a param listed twice (torch warns, and steps it twice): not batched
+    for t, is_small in zip(tensors, small):
+        if is_small:
+            address = t.param.data_ptr()
+            (repeated if address in seen else seen).add(address)
     keys = []
-    for t, inputs, (first, step, binned) in zip(tensors, flat, calls):
-        numel = t.param.numel()
-        keys.append(None if not 0 < numel <= batching.MAX_BATCHED_NUMEL else (
+    for t, inputs, (first, step, binned), is_small in zip(tensors, flat, calls, small):
+        keys.append(None if not is_small or (repeated and t.param.data_ptr() in repeated) else (
             t.param.device, *[None if x is None else x.dtype for x in inputs],  # (every tensor's option
             None if first is None else tuple(first.values()), *step.values(), binned,  # dicts have the same
             t.step.item(), t.importance_step.item(),  # keys in the same order)
@@ -421,6 +425,7 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
         for i, piece, where in zip(members, bins, masks):
             counted[i] = _histogram(piece, where, row_of[i])
 
+    gathered = batching.gather(flat, plan.batches)  # first: before any member (or counter) changes
     if tensors:  # one call per counter list, not two per tensor
         torch._foreach_add_([t.step for t in tensors], 1)
         torch._foreach_add_([t.importance_step for t in tensors], 1)
@@ -443,7 +448,6 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
             param, grad, _, _, importance, anchor, _, mask = flat[i]
             _compiled("importance_pass")(param, grad, importance, anchor, scalars[i], out, **calls[i][0])
             count([i], [out], [mask])
-    gathered = batching.gather(flat, plan.batches)  # before any member changes
     for batch, inputs in zip(plan.batches, gathered):
         first = batch.members[0]
         if calls[first][0] is not None:

@@ -566,7 +566,7 @@ class MaskedAdamW(Optimizer):
                 if "step" not in state and any(key in state for key in ("exp_avg", "exp_avg_sq")):
                     raise ValueError(f"Invalid checkpoint: the state of param {pid} has moments but no 'step'")
                 for key, value in state.items():
-                    like = _layout_like(key, param)
+                    like = param if key == "user_mask" else _layout_like(key, param)  # (a mask's layout is free)
                     if like is not None and isinstance(value, Tensor) and tuple(value.shape) != tuple(like.shape):
                         raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] has shape {tuple(value.shape)}, "
                                          f"its param {tuple(like.shape)}")

@@ -119,19 +119,23 @@ def test_element_thresholds_expand_each_members_threshold():
     assert batches.element_thresholds(gates, batch).tolist() == [5, 5, 7, 9, 9, 9]
 
 
-def test_gather_restores_the_thread_count():
-    """``gather`` concatenates on one thread (torch.cat's serial kernel) and gives the thread
-    count back, also when the concatenation fails."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        flat = [tuple(torch.randn(n) for _ in range(8)) for n in (3, 4)]
-        batch = batches.group(["k"] * 2, [3, 4], units=[], devices=[torch.device("cpu")] * 2)[0]
-        batches.gather(flat, [batch])
-        assert torch.get_num_threads() == 2
-        flat[1] = tuple(x.reshape(2, 2) if j == 2 else x for j, x in enumerate(flat[1]))  # 1-D and 2-D: refused
-        with pytest.raises(RuntimeError):
-            batches.gather(flat, [batch])
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+@pytest.mark.parametrize("sizes", [[3], [5, 7], [16384, 16384, 1, 16383], [100] * 700, [40000, 2, 3]])
+def test_chunks_cover_the_members_in_runs_below_the_cat_chunk(sizes):
+    chunks = batches._chunks(sizes)
+    assert chunks[0][0] == 0 and chunks[0][2] == 0 and chunks[-1][1] == len(sizes) and chunks[-1][3] == sum(sizes)
+    for (first, last, begin, end), following in zip(chunks, chunks[1:] + [None]):
+        assert last > first and end - begin == sum(sizes[first:last])
+        assert end - begin < batches.CAT_CHUNK or last == first + 1
+        if following is not None:
+            assert following[0] == last and following[2] == end
+            assert end - begin + sizes[last] >= batches.CAT_CHUNK  # a run takes all it can
+
+
+def test_gather_of_many_chunks():
+    sizes = [5000] * 20 + [1]
+    flat = [tuple(torch.randn(n) for _ in range(8)) for n in sizes]
+    batch = batches.group(["k"] * len(sizes), sizes, units=[], devices=[torch.device("cpu")] * len(sizes))[0]
+    assert len(batch.chunks) > 3
+    (inputs,) = batches.gather(flat, [batch])
+    for j in range(8):
+        assert torch.equal(inputs[j], torch.cat([f[j] for f in flat]))

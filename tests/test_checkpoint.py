@@ -232,6 +232,7 @@ def test_adam_without_weight_decay_loads():
     (lambda entry: entry.pop("step"), r"moments but no 'step'"),
     (lambda entry: entry.update(exp_avg=entry["exp_avg"][:1]), r"\['exp_avg'\] has shape \(1, 20\), its param \(30, 20\)"),
     (lambda entry: entry.update(importance=entry["importance"].t()), r"\['importance'\] has shape \(20, 30\)"),
+    (lambda entry: entry.update(user_mask=torch.ones(1, dtype=torch.bool)), r"\['user_mask'\] has shape \(1,\), its param \(30, 20\)"),
 ])
 def test_malformed_state_is_refused_before_any_change(edit, message):
     params, opt = _trained()

@@ -364,6 +364,53 @@ def test_a_variant_that_fails_to_compile_fails_the_step_before_any_change(monkey
     assert not opt.state  # not even state for the first step is kept
 
 
+def test_the_step_compiles_nothing_itself(monkeypatch):
+    """The variants compiled while the step is checked are the ones it runs: a Parameter passed
+    as itself failed Dynamo's guards on the plain stand-ins (type, requires_grad, a static
+    shape) and compiled a variant of its own mid-step, after other tensors had changed."""
+    from torch._dynamo.utils import counters
+
+    from masked_optim import compiled
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled, "_READY", set())
+    real = compiled._step_group
+    compiled_in_step = []
+
+    def step_group(*args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        try:
+            return real(*args, **kwargs)
+        finally:
+            compiled_in_step.append(counters["stats"]["unique_graphs"] - before)
+
+    monkeypatch.setattr(compiled, "_step_group", step_group)
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((20000,), (300, 70), (9,), (33,))]
+    opt = MaskedAdamW(params, lr=1e-2, backend="compile", density=0.5)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    assert compiled_in_step == [0, 0, 0]
+    assert counters["stats"]["unique_graphs"] > 0  # (the counter does count this torch's compiles)
+
+
+def test_a_param_listed_twice_steps_twice_as_with_the_reference():
+    """torch warns about a param listed twice in a group and steps it twice; so do the backends
+    (a small one is kept out of batches: gathered twice, it would step once)."""
+    results = []
+    for backend in ("torch", "compile"):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 10))
+        with pytest.warns(UserWarning, match="duplicate"):
+            opt = MaskedAdamW([p, p], lr=1e-2, backend=backend)
+        p.grad = torch.linspace(1, 2, 10)
+        opt.step()
+        results.append(p.detach().clone())
+    assert_close(results[1], results[0], "param")
+    assert not torch.allclose(results[0], torch.linspace(-1, 1, 10) - 1e-2 * torch.ones(10), atol=1e-4)  # two steps
+
+
 def test_a_grad_in_another_dtype_than_its_param():
     """A bf16 param whose grad_dtype lets autograd keep fp32 grads: the compile backend steps
     it as the reference does (Dynamo once refused the param for its grad's dtype)."""
