@@ -237,7 +237,8 @@ def _prepare(name: str, args: tuple, kwargs: dict) -> None:
     if key in _READY:
         return
     stand_ins = [
-        None if a is None else torch.zeros(2, dtype=a.dtype, device=a.device) if _elementwise(name, index, a) else a.clone()
+        None if a is None else torch.zeros(2, *a.shape[1:], dtype=a.dtype, device=a.device) if _elementwise(name, index, a)
+        else a.clone()
         for index, a in enumerate(args)
     ]
     _compiled_function(name)(*stand_ins, **kwargs)
@@ -298,11 +299,32 @@ def _flat_inputs(t: TensorState) -> tuple[Optional[Tensor], ...]:
     return tuple(None if x is None else memory_order_view(x) for x in inputs)
 
 
+#: a tensor of a multiple of this many elements (two rows or more) steps as [n / ROW, ROW] views
+#: of its inputs: Inductor then knows the inner loop's length and emits no tail. For a 1-D
+#: dynamic size it emits a masked tail inside the vectorised loop, and with bf16 importance that
+#: loop ran 15.2 ms instead of 11.2 ms at 16M elements (fp32: the same 9.2 ms), 2 cores
+ROW = 16
+
+
+def _in_rows(inputs: tuple[Optional[Tensor], ...]) -> tuple[Optional[Tensor], ...]:
+    """A tensor's flat inputs as [n / ROW, ROW] views where its size allows (else as they are)."""
+    numel = inputs[0].numel()
+    if numel % ROW or numel < 2 * ROW:
+        return inputs
+    return tuple(None if x is None else x.view(-1, ROW) for x in inputs)
+
+
+def _like(bins: Tensor, inputs: tuple[Optional[Tensor], ...]) -> Tensor:
+    """The flat ``bins`` buffer shaped as the tensor's inputs are (``_in_rows``)."""
+    return bins if inputs[0].dim() == 1 else bins.view(-1, ROW)
+
+
 @dataclass
 class Plan:
     """One group's step, checked and its compiled variants built, before anything changes."""
 
     flat: list[tuple]  # each tensor's inputs as 1-D views in its param's memory order
+    shaped: list[tuple]  # the same as its compiled calls take them (``_in_rows``)
     has_gate: list[bool]
     calls: list[tuple]  # per tensor: the first pass's options (or None), the step's, binned
     batches: list[batching.Batch]  # small tensors stepped as one (``batches``)
@@ -371,20 +393,22 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
         for i in batch.members:
             batched[i] = True
     likes = (scalars_like, bins_like)
+    shaped = [inputs if batched[i] else _in_rows(inputs) for i, inputs in enumerate(flat)]
     for i, t in enumerate(tensors):  # each call's variant, compiled now
         if t.param.numel() >= MIN_COMPILED_NUMEL and not batched[i]:
-            _prepare_calls(calls[i], flat[i], threshold_like if has_gate[i] else None, *likes)
+            _prepare_calls(calls[i], shaped[i], threshold_like if has_gate[i] else None, *likes)
     for batch in batches:
         first = batch.members[0]
         gate_like = None if not has_gate[first] else threshold_like if batch.shared_gate else threshold_like.reshape(1)
         _prepare_calls(calls[first], flat[first], gate_like, *likes)
-    return Plan(flat=flat, has_gate=has_gate, calls=calls, batches=batches, batched=batched)
+    return Plan(flat=flat, shaped=shaped, has_gate=has_gate, calls=calls, batches=batches, batched=batched)
 
 
 def _prepare_calls(call: tuple, inputs: tuple, gate_like: Optional[Tensor], scalars_like: Tensor, bins_like: Tensor) -> None:
     """Compile the variants of one tensor's (or batch's) calls (``_prepare``)."""
     first, step, binned = call
     param, grad, _, _, importance, anchor, _, _ = inputs
+    bins_like = _like(bins_like, inputs)
     if first is not None:
         _prepare("importance_pass", (param, grad, importance, anchor, scalars_like, bins_like), first)
     _prepare("fused_step", (*inputs, gate_like, scalars_like, bins_like if binned else None), step)
@@ -445,9 +469,9 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
                 counted[i] = row_of[i].zero_()
         elif calls[i][0] is not None and not batched[i]:  # this step's scores set the gate
             out = _bins_scratch(t.param.device, t.param.numel())
-            param, grad, _, _, importance, anchor, _, mask = flat[i]
-            _compiled("importance_pass")(param, grad, importance, anchor, scalars[i], out, **calls[i][0])
-            count([i], [out], [mask])
+            param, grad, _, _, importance, anchor, _, _ = plan.shaped[i]
+            _compiled("importance_pass")(param, grad, importance, anchor, scalars[i], _like(out, plan.shaped[i]), **calls[i][0])
+            count([i], [out], [flat[i][7]])
     for batch, inputs in zip(plan.batches, gathered):
         first = batch.members[0]
         if calls[first][0] is not None:
@@ -462,7 +486,8 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
             continue
         _, step, binned = calls[i]
         out = _bins_scratch(t.param.device, t.param.numel()) if binned else None
-        counts = _compiled("fused_step")(*flat[i], gates[i], scalars[i], out, **step)
+        inputs = plan.shaped[i]
+        counts = _compiled("fused_step")(*inputs, gates[i], scalars[i], None if out is None else _like(out, inputs), **step)
         if out is not None:
             count([i], [out], [flat[i][7]])
         counts_per_tensor.append(counts)

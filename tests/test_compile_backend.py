@@ -411,6 +411,45 @@ def test_a_param_listed_twice_steps_twice_as_with_the_reference():
     assert not torch.allclose(results[0], torch.linspace(-1, 1, 10) - 1e-2 * torch.ones(10), atol=1e-4)  # two steps
 
 
+@pytest.mark.parametrize("options", [
+    dict(density=0.4, anchor_decay=2.0, protect_strength=1.0, importance_dtype="bfloat16"),
+    dict(density=0.6, mask="protect", scope="group", nonfinite="skip"),
+], ids=["select_bf16_importance", "protect_group"])
+def test_tensors_stepped_in_rows_match_the_reference(options, monkeypatch):
+    """Tensors of a multiple of ROW elements (two rows or more) step as [n / ROW, ROW] views
+    (any dense layout: their memory order), their bins counted from the flat buffer."""
+    from masked_optim import compiled
+
+    rows = []
+    real = compiled._in_rows
+
+    def recording(inputs):
+        shaped = real(inputs)
+        rows.append(shaped[0].dim() == 2)
+        return shaped
+
+    monkeypatch.setattr(compiled, "_in_rows", recording)
+    gen = torch.Generator().manual_seed(10)
+    shapes = [(compiled.ROW * 1250,), (200, 96), (50, 2 * compiled.ROW + 1)]  # the last: not in rows
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    ours[1] = ours[1].detach().t().contiguous().t().requires_grad_()  # column-major
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt = MaskedAdamW(ours, lr=1e-2, backend="compile", **options)
+    ref_opt = MaskedAdamW(ref, lr=1e-2, backend="torch", **options)
+    mask = torch.rand(shapes[0], generator=gen) < 0.7
+    opt.set_mask(ours[0], mask)
+    ref_opt.set_mask(ref[0], mask.clone())
+    for step in range(5):
+        _grads(ours, ref, gen, nonfinite=step == 3)
+        opt.step()
+        ref_opt.step()
+        if step == 1:
+            opt.consolidate()
+            ref_opt.consolidate()
+    _compare(ours, ref, opt, ref_opt)
+    assert True in rows and False in rows
+
+
 def test_a_grad_in_another_dtype_than_its_param():
     """A bf16 param whose grad_dtype lets autograd keep fp32 grads: the compile backend steps
     it as the reference does (Dynamo once refused the param for its grad's dtype)."""
