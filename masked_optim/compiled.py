@@ -224,9 +224,22 @@ _FUNCTIONS = {"fused_step": fused_step, "importance_pass": importance_pass}
 _ELEMENTWISE = {"fused_step": (0, 1, 2, 3, 4, 5, 6, 7, 10), "importance_pass": (0, 1, 2, 3, 5)}
 #: position of the threshold: 0-d (one unit), or 1-D and param-sized (a batch of several units)
 _THRESHOLD = {"fused_step": 8}
-#: the variants this process has compiled: (function, device, each argument's dtype, options);
-#: after ``torch._dynamo.reset()`` a lost variant is compiled again by the step itself
+#: the variants this process has compiled: (function, device, each argument's dtype and rank,
+#: options); forgotten when Dynamo has dropped them (``torch._dynamo.reset()``, ``_forget_dropped``)
 _READY: set = set()
+#: Dynamo's cache entries of a code object (an introspection hook it has kept since torch 2.1)
+_CACHE_ENTRIES = getattr(torch._C._dynamo.eval_frame, "_debug_get_cache_entry_list", None)
+
+
+def _forget_dropped() -> None:
+    """Forget the variants of a function whose code Dynamo no longer holds compiled (after
+    ``torch._dynamo.reset()``): the check compiles them again, instead of the step itself
+    midway (where a compiler failure would leave it half-applied)."""
+    if _CACHE_ENTRIES is None or not _READY:
+        return
+    for name, function in _FUNCTIONS.items():
+        if not _CACHE_ENTRIES(function.__code__):
+            _READY.difference_update([key for key in _READY if key[0] == name])
 
 
 def _prepare(name: str, args: tuple, kwargs: dict) -> None:
@@ -357,6 +370,7 @@ def step_group(
 
 
 def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor]) -> Plan:
+    _forget_dropped()
     protect = hyper.mask == "protect"
     flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
     has_gate = gated(tensors, hyper)
