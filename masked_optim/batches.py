@@ -40,7 +40,6 @@ class Batch:
 
     members: list[int]
     sizes: list[int]
-    sizes_on_device: Tensor  # to expand per-member thresholds to elements
     shared_gate: bool  # every member in one unit: one threshold for the batch
     chunks: list[tuple[int, int, int, int]]  # gathered as (first, last) members into [begin, end)
 
@@ -49,9 +48,7 @@ class Batch:
         return sum(self.sizes)
 
 
-def group(
-    keys: list[Optional[Hashable]], sizes: list[int], units: list[list[int]], devices: list[torch.device]
-) -> list[Batch]:
+def group(keys: list[Optional[Hashable]], sizes: list[int], units: list[list[int]]) -> list[Batch]:
     """Batches of the tensors whose ``keys`` are equal (None: never batched; a key names the
     device), two or more each, in order of their first member. ``units``: the gated members of
     each unit."""
@@ -68,7 +65,6 @@ def group(
         batches.append(Batch(
             members=members,
             sizes=member_sizes,
-            sizes_on_device=torch.tensor(member_sizes, device=devices[members[0]]),
             shared_gate=len({unit_of.get(i) for i in members}) == 1,
             chunks=_chunks(member_sizes),
         ))
@@ -149,4 +145,5 @@ def scatter(flat: list[tuple[Optional[Tensor], ...]], batch: Batch, inputs: list
 def element_thresholds(gates: list[Optional[Tensor]], batch: Batch) -> Tensor:
     """The members' thresholds as one per element (one-element int64 tensors, expanded)."""
     stacked = torch.stack([gates[i].reshape(()) for i in batch.members])
-    return stacked.repeat_interleave(batch.sizes_on_device, output_size=batch.numel)
+    sizes = torch.tensor(batch.sizes, device=stacked.device)  # (made only for gated batches)
+    return stacked.repeat_interleave(sizes, output_size=batch.numel)

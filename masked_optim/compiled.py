@@ -15,6 +15,7 @@ Small tensors of one kind (biases, norms) are concatenated and stepped by one ca
 """
 from __future__ import annotations
 
+import collections
 import functools
 import threading
 from dataclasses import dataclass
@@ -430,21 +431,17 @@ def _prepare_calls(call: tuple, inputs: tuple, gate_like: Optional[Tensor], scal
 
 def _batches(tensors: list[TensorState], flat: list[tuple], calls: list[tuple], units: list[list[int]]) -> list[batching.Batch]:
     """Small tensors that step as one: same device, input dtypes, options and step counts."""
-    small = [0 < t.param.numel() <= batching.MAX_BATCHED_NUMEL for t in tensors]
-    seen: set[int] = set()
-    repeated: set[int] = set()  # a param listed twice (torch warns, and steps it twice): not batched
-    for t, is_small in zip(tensors, small):
-        if is_small:
-            address = t.param.data_ptr()
-            (repeated if address in seen else seen).add(address)
+    # small ones only, and not a param listed twice (torch warns, and steps it twice)
+    addresses = [t.param.data_ptr() if 0 < t.param.numel() <= batching.MAX_BATCHED_NUMEL else None for t in tensors]
+    listed = collections.Counter(addresses)
     keys = []
-    for t, inputs, (first, step, binned), is_small in zip(tensors, flat, calls, small):
-        keys.append(None if not is_small or (repeated and t.param.data_ptr() in repeated) else (
+    for t, inputs, (first, step, binned), address in zip(tensors, flat, calls, addresses):
+        keys.append(None if address is None or listed[address] > 1 else (
             t.param.device, *[None if x is None else x.dtype for x in inputs],  # (every tensor's option
             None if first is None else tuple(first.values()), *step.values(), binned,  # dicts have the same
             t.step.item(), t.importance_step.item(),  # keys in the same order)
         ))
-    return batching.group(keys, [t.param.numel() for t in tensors], units, [t.param.device for t in tensors])
+    return batching.group(keys, [t.param.numel() for t in tensors], units)
 
 
 def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor], plan: Plan) -> GroupStats:

@@ -90,16 +90,16 @@ def test_batched_small_tensors_match_the_reference(case, monkeypatch):
 def test_group_keeps_only_equal_keys_of_two_or_more():
     keys = ["a", None, "b", "a", "c", "b", None, "a"]
     sizes = [3, 1, 4, 5, 9, 2, 6, 7]
-    found = batches.group(keys, sizes, units=[[0], [3], [7], [2, 5]], devices=[torch.device("cpu")] * len(keys))
+    found = batches.group(keys, sizes, units=[[0], [3], [7], [2, 5]])
     assert [b.members for b in found] == [[0, 3, 7], [2, 5]]
     assert [b.sizes for b in found] == [[3, 5, 7], [4, 2]]
     assert [b.shared_gate for b in found] == [False, True]
-    assert found[0].numel == 15 and found[0].sizes_on_device.tolist() == [3, 5, 7]
+    assert found[0].numel == 15
 
 
 def test_gather_and_scatter_round_trip():
     flat = [tuple(torch.randn(n) if j != 5 else None for j in range(8)) for n in (3, 1, 5)]
-    batch = batches.group(["k"] * 3, [3, 1, 5], units=[], devices=[torch.device("cpu")] * 3)[0]
+    batch = batches.group(["k"] * 3, [3, 1, 5], units=[])[0]
     (inputs,) = batches.gather(flat, [batch])
     assert inputs[5] is None
     for j in (0, 1, 2):
@@ -114,7 +114,7 @@ def test_gather_and_scatter_round_trip():
 
 
 def test_element_thresholds_expand_each_members_threshold():
-    batch = batches.group(["k"] * 3, [2, 1, 3], units=[[0], [1], [2]], devices=[torch.device("cpu")] * 3)[0]
+    batch = batches.group(["k"] * 3, [2, 1, 3], units=[[0], [1], [2]])[0]
     gates = [torch.tensor([5]), torch.tensor(7), torch.tensor([9])]
     assert batches.element_thresholds(gates, batch).tolist() == [5, 5, 7, 9, 9, 9]
 
@@ -134,7 +134,7 @@ def test_chunks_cover_the_members_in_runs_below_the_cat_chunk(sizes):
 def test_gather_of_many_chunks():
     sizes = [5000] * 20 + [1]
     flat = [tuple(torch.randn(n) for _ in range(8)) for n in sizes]
-    batch = batches.group(["k"] * len(sizes), sizes, units=[], devices=[torch.device("cpu")] * len(sizes))[0]
+    batch = batches.group(["k"] * len(sizes), sizes, units=[])[0]
     assert len(batch.chunks) > 3
     (inputs,) = batches.gather(flat, [batch])
     for j in range(8):
