@@ -32,16 +32,15 @@ def triton_runs_on(device: torch.device) -> tuple[bool, str]:
 AUTO_COMPILE_MIN_NUMEL = 1 << 22
 
 
-def resolve(name: str, device: torch.device, numel: int = 0, gate_block: int = 1) -> str:
+def resolve(name: str, device: torch.device, numel: int = 0) -> str:
     """Map a group's ``backend`` option to the implementation that runs on ``device``.
 
     ``"auto"`` takes the Triton kernel on CUDA when it can run there (triton installed); on the
     CPU it takes the ``compile`` backend for groups of at least ``AUTO_COMPILE_MIN_NUMEL``
-    elements when a C++ compiler is present (``$CXX``, else c++ or g++: Inductor needs one) and
-    the group has element gates (``gate_block`` 1), else the reference (the optimizer also
-    takes the reference for a group with a param that is not dense, which the compile backend
-    cannot step). ``"triton"`` raises
-    RuntimeError, naming the device, where Triton cannot run.
+    elements when a C++ compiler is present (``$CXX``, else c++ or g++: Inductor needs one),
+    else the reference (the optimizer also takes the reference for a group with a param that
+    is not dense, which the compile backend cannot step). ``"triton"`` raises RuntimeError,
+    naming the device, where Triton cannot run.
     """
     if name in ("torch", "compile"):
         return name
@@ -52,7 +51,7 @@ def resolve(name: str, device: torch.device, numel: int = 0, gate_block: int = 1
         return "triton"
     if runs and device.type == "cuda":
         return "triton"
-    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and gate_block == 1 \
+    if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL \
             and cpu_histogram.find_compiler(os.environ.get("CXX")) is not None:
         return "compile"
     return "torch"

@@ -12,6 +12,9 @@ importance and bins the scores.
 The step's counts (updated, frozen, non-finite skipped) are reductions fused into the same loop.
 Small tensors of one kind (biases, norms) are concatenated and stepped by one call
 (``batches``): a compiled call's host cost (~50 us) exceeds their whole step.
+With block gates (``gate_block`` > 1) every gated tensor takes the first pass each step; the
+block maxima of its bins and the gate they give are the reference's (``reference.GateBins``),
+taken between the passes, and the gate reaches the step in the user mask's place.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from masked_optim.functional import (
     GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, next_thresholds,
 )
 from masked_optim.layouts import checked_inputs, memory_order_view
-from masked_optim.reference import DELTA, importance_signal, math_dtype
+from masked_optim.reference import DELTA, GateBins, importance_signal, math_dtype
 
 # index of each value in the packed scalar tensor; products and differences of hyper-parameters
 # are formed in double on the host, exactly as the reference's Python-float arithmetic does
@@ -338,6 +341,7 @@ class Plan:
     """One group's step, checked and its compiled variants built, before anything changes."""
 
     flat: list[tuple]  # each tensor's inputs as 1-D views in its param's memory order
+    blocks: bool  # block gates: the gate is set between the passes (``GateBins``)
     shaped: list[tuple]  # the same as its compiled calls take them (``_in_rows``)
     has_gate: list[bool]
     calls: list[tuple]  # per tensor: the first pass's options (or None), the step's, binned
@@ -375,6 +379,7 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
     protect = hyper.mask == "protect"
     flags = dict(kind=hyper.importance, skip=hyper.nonfinite == "skip", scaled=grad_scale is not None, maximize=hyper.maximize)
     has_gate = gated(tensors, hyper)
+    blocks = hyper.gate_block > 1
     # a unit whose threshold may be unknown derives it from this step's scores of all its gated
     # tensors, so if any of them lacks a known threshold (a new param, a grad that appears late,
     # set_mask) every one of them takes the first pass
@@ -384,7 +389,7 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
     first_pass = [False] * len(tensors)
     units = gated_units(tensors, has_gate, hyper.scope)
     for members in units:
-        if not all(tensors[i].threshold_known for i in members):
+        if blocks or not all(tensors[i].threshold_known for i in members):
             for i in members:
                 first_pass[i] = True
     device = tensors[0].param.device if tensors else torch.device("cpu")
@@ -395,7 +400,7 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
     for i, t in enumerate(tensors):
         first = dict(protect=protect, **flags) if first_pass[i] else None
         step = dict(
-            gate=("protect" if protect else "select") if has_gate[i] else None,
+            gate=("protect" if protect else "select") if has_gate[i] and not blocks else None,
             soft=t.anchor is not None and hyper.protect_strength != 0.0,
             pull=t.anchor is not None and t.anchor_param is not None and hyper.anchor_decay != 0.0,
             update_importance=not first_pass[i], high_weight=abs(1.0 - hyper.beta1) >= 0.5, **flags,
@@ -411,12 +416,26 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
     shaped = [inputs if batched[i] else _in_rows(inputs) for i, inputs in enumerate(flat)]
     for i, t in enumerate(tensors):  # each call's variant, compiled now
         if t.param.numel() >= MIN_COMPILED_NUMEL and not batched[i]:
-            _prepare_calls(calls[i], shaped[i], threshold_like if has_gate[i] else None, *likes)
+            inputs = _gate_in_mask(shaped[i]) if blocks and has_gate[i] else shaped[i]
+            _prepare_calls(calls[i], inputs, threshold_like if has_gate[i] and not blocks else None, *likes)
     for batch in batches:
         first = batch.members[0]
+        if blocks and has_gate[first]:
+            _prepare_calls(calls[first], _gate_in_mask(flat[first]), None, *likes)
+            continue
         gate_like = None if not has_gate[first] else threshold_like if batch.shared_gate else threshold_like.reshape(1)
         _prepare_calls(calls[first], flat[first], gate_like, *likes)
-    return Plan(flat=flat, shaped=shaped, has_gate=has_gate, calls=calls, batches=batches, batched=batched)
+    return Plan(flat=flat, blocks=blocks, shaped=shaped, has_gate=has_gate, calls=calls, batches=batches, batched=batched)
+
+
+def _gate_in_mask(inputs: tuple, gate: Optional[Tensor] = None) -> tuple:
+    """A block-gated tensor's inputs with its gate (and-ed with its user mask) in the mask's
+    place, shaped as the inputs are; without ``gate``, a stand-in of that shape (to compile)."""
+    if gate is None:
+        return (*inputs[:7], torch.ones((), dtype=torch.bool, device=inputs[0].device).expand(inputs[0].shape))
+    if inputs[7] is not None:
+        gate = gate & inputs[7].reshape(-1)
+    return (*inputs[:7], _like(gate, inputs))
 
 
 def _prepare_calls(call: tuple, inputs: tuple, gate_like: Optional[Tensor], scalars_like: Tensor, bins_like: Tensor) -> None:
@@ -454,11 +473,16 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     gated_rows = [i for i, gated_ in enumerate(has_gate) if gated_]
     scratch_rows = _histograms_scratch(device, len(gated_rows)) if gated_rows else None
     row_of = {i: scratch_rows[r] for r, i in enumerate(gated_rows)}
-    histograms = [(lambda i=i: counted[i]) if gated else None for i, gated in enumerate(has_gate)]
+    gate_bins: list[Optional[GateBins]] = [None] * len(tensors)  # block gates' (``Plan.blocks``)
+    histograms = [(lambda i=i: counted[i] if gate_bins[i] is None else gate_bins[i].histogram(out=row_of[i]))
+                  if gated else None for i, gated in enumerate(has_gate)]
 
     def count(members: list[int], bins: list[Tensor], masks: list[Optional[Tensor]]) -> None:
         for i, piece, where in zip(members, bins, masks):
-            counted[i] = _histogram(piece, where, row_of[i])
+            if plan.blocks:  # block maxima now (``bins`` is reused); a histogram when asked
+                gate_bins[i] = GateBins(piece, where, piece, hyper.gate_block, hyper.mask == "protect")
+            else:
+                counted[i] = _histogram(piece, where, row_of[i])
 
     gathered = batching.gather(flat, plan.batches)  # first: before any member (or counter) changes
     if tensors:  # one call per counter list, not two per tensor
@@ -497,8 +521,10 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
             continue
         _, step, binned = calls[i]
         out = _bins_scratch(t.param.device, t.param.numel()) if binned else None
-        inputs = plan.shaped[i]
-        counts = _compiled("fused_step")(*inputs, gates[i], scalars[i], None if out is None else _like(out, inputs), **step)
+        inputs, gate = plan.shaped[i], gates[i]
+        if gate_bins[i] is not None:
+            inputs, gate = _gate_in_mask(inputs, gate_bins[i].gate(gate)), None
+        counts = _compiled("fused_step")(*inputs, gate, scalars[i], None if out is None else _like(out, inputs), **step)
         if out is not None:
             count([i], [out], [flat[i][7]])
         counts_per_tensor.append(counts)
@@ -506,6 +532,8 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
         first = batch.members[0]
         _, step, binned = calls[first]
         gate = None if gates[first] is None else gates[first] if batch.shared_gate else batching.element_thresholds(gates, batch)
+        if gate_bins[first] is not None:
+            inputs, gate = _gate_in_mask(inputs, torch.cat([gate_bins[i].gate(gates[i]) for i in batch.members])), None
         out = _bins_scratch(inputs[0].device, batch.numel) if binned else None
         counts_per_tensor.append(_compiled("fused_step")(*inputs, gate, scalars[first], out, **step))
         if out is not None:

@@ -134,7 +134,7 @@ class MaskedAdamW(Optimizer):
             its own gate). With G > 1 each run of G elements in memory order (per tensor, per
             FSDP2 shard) moves or stays as one, scored by its largest score, so the Triton
             kernel skips the param and moment traffic of whole gated-off blocks; ``density``
-            stays a fraction of elements. Not supported by ``backend="compile"``.
+            stays a fraction of elements.
 
     Example::
 
@@ -360,7 +360,7 @@ class MaskedAdamW(Optimizer):
             if not tensors:
                 steps.append(None)
                 continue
-            backend = backends.resolve(group["backend"], params[0].device, sum(t.param.numel() for t in tensors), group["gate_block"])
+            backend = backends.resolve(group["backend"], params[0].device, sum(t.param.numel() for t in tensors))
             if backend == "compile" and group["backend"] == "auto" and not all(is_dense(t.param) for t in tensors):
                 backend = "torch"  # the compile backend steps dense params only
             hyper = GroupHyper.from_group(group)

@@ -101,9 +101,6 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
     if isinstance(gate_block, bool) or not isinstance(gate_block, numbers.Integral) or not 1 <= gate_block <= MAX_GATE_BLOCK \
             or gate_block & (gate_block - 1):
         raise ValueError(f"Invalid gate_block: {gate_block!r} (must be a power of two in [1, {MAX_GATE_BLOCK}])")
-    if gate_block > 1 and group["backend"] == "compile":
-        raise ValueError(f"Invalid gate_block: {gate_block} (backend='compile' supports gate_block=1 only; "
-                         "use backend='torch', 'triton' or 'auto')")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool)")
 

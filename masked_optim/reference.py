@@ -109,31 +109,43 @@ def adamw_update(theta: Tensor, g: Tensor, t: TensorState, lr: float, scale: Opt
 
 
 class GateBins:
-    """SPEC step 3's comparison and step 6's histogram for one tensor's scores: per element,
+    """SPEC step 3's comparison and step 6's histogram for one tensor's score bins: per element,
     or per block of ``gate_block`` elements in memory order (``threshold.block_bins``: a block
     is scored by its largest allowed bin and counted by its allowed elements; with protect,
-    elements of anchor 0 move whatever their block's gate, as SPEC requires)."""
+    elements of anchor 0 move whatever their block's gate, as SPEC requires).
 
-    def __init__(self, score: Tensor, t: TensorState, gate_block: int, protect: bool):
-        self.bins = thr.score_bins(score).reshape(score.shape)
-        self.t, self.gate_block, self.protect, self._histogram = t, gate_block, protect, None
+    ``bins``, ``user_mask`` and ``like`` (the param, for its memory order) share one shape. The
+    ``compile`` backend builds one from its compiled pass's bins (1-D, in memory order); with
+    block gates it keeps no reference to ``bins`` (a reused buffer)."""
+
+    def __init__(self, bins: Tensor, user_mask: Optional[Tensor], like: Tensor, gate_block: int, protect: bool):
+        self.user_mask, self.like, self.gate_block, self.protect, self._histogram = user_mask, like, gate_block, protect, None
         if gate_block > 1:
-            self.block_bin, self.block_count, self.always = thr.block_bins(self.bins, t.user_mask, gate_block, t.param, protect)
+            self.bins = None
+            self.block_bin, self.block_count, self.always = thr.block_bins(bins, user_mask, gate_block, like, protect)
+            self.anchor_zero = bins == 0 if protect else None
+        else:
+            self.bins = bins
 
-    def histogram(self) -> Tensor:
-        """The histogram of this step's scores (built once)."""
+    @classmethod
+    def of_scores(cls, score: Tensor, t: TensorState, gate_block: int, protect: bool) -> "GateBins":
+        """The gate of a tensor's scores (``threshold.score_bins``)."""
+        return cls(thr.score_bins(score).reshape(score.shape), t.user_mask, t.param, gate_block, protect)
+
+    def histogram(self, out: Optional[Tensor] = None) -> Tensor:
+        """The histogram of this step's scores (built once; into ``out`` if given)."""
         if self._histogram is None:
             if self.gate_block > 1:
-                self._histogram = thr.block_histogram(self.block_bin, self.block_count, self.always)
+                self._histogram = thr.block_histogram(self.block_bin, self.block_count, self.always, out=out)
             else:
-                self._histogram = thr.histogram_of_bins(self.bins, self.t.user_mask)
+                self._histogram = thr.histogram_of_bins(self.bins, self.user_mask)
         return self._histogram
 
     def gate(self, threshold: Tensor) -> Tensor:
         """Which elements the unit's threshold bin lets move (before the user mask)."""
         if self.gate_block > 1:
-            gate = thr.expand_blocks(thr.gate(self.block_bin, threshold, self.protect), self.gate_block, self.t.param)
-            return gate | (self.bins == 0) if self.protect else gate
+            gate = thr.expand_blocks(thr.gate(self.block_bin, threshold, self.protect), self.gate_block, self.like)
+            return gate | self.anchor_zero if self.protect else gate
         return thr.gate(self.bins, threshold, self.protect)
 
 
@@ -183,7 +195,7 @@ def step_group(
         lives.append(live)
         scores.append(score)
 
-    gate_bins = [None if score is None else GateBins(score, t, hyper.gate_block, protect) for score, t in zip(scores, tensors)]
+    gate_bins = [None if score is None else GateBins.of_scores(score, t, hyper.gate_block, protect) for score, t in zip(scores, tensors)]
     histograms = [None if bins is None else bins.histogram for bins in gate_bins]
     gates, unit_current = gate_thresholds(tensors, histograms, hyper)
     following_thresholds = next_thresholds(tensors, histograms, hyper)

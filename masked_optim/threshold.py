@@ -68,21 +68,35 @@ def block_bins(bins: Tensor, allowed: Optional[Tensor], gate_block: int, like: T
     above +inf's bin) order alike in every backend.
     """
     order = memory_order(like)
-    flat = bins.reshape(like.shape).permute(order).reshape(-1).to(torch.int64)
-    mask = torch.ones_like(flat, dtype=torch.bool) if allowed is None else allowed.reshape(like.shape).permute(order).reshape(-1)
+    flat = bins.reshape(like.shape).permute(order).reshape(-1)
+    numel = flat.numel()
+    if allowed is None and not protect:  # every element counts: no mask to apply or sum
+        counts = torch.full((-(-numel // gate_block),), gate_block, dtype=torch.int64, device=flat.device)
+        if numel % gate_block:
+            counts[-1] = numel % gate_block
+        return _per_block(flat, gate_block, "amax").to(torch.int64), counts, flat.new_zeros((), dtype=torch.int64)
+    mask = allowed.reshape(like.shape).permute(order).reshape(-1) if allowed is not None \
+        else torch.ones_like(flat, dtype=torch.bool)
     counted = mask & (flat > 0) if protect else mask
-    always = (mask & (flat == 0)).sum() if protect else flat.new_zeros(())
-    blocks = -(-flat.numel() // gate_block)
-    pad = blocks * gate_block - flat.numel()
-    padded_bins = torch.nn.functional.pad(torch.where(mask, flat, 0), (0, pad)).view(blocks, gate_block)
-    padded_counts = torch.nn.functional.pad(counted.to(torch.int64), (0, pad)).view(blocks, gate_block)
-    return padded_bins.amax(1), padded_counts.sum(1), always
+    always = (mask & (flat == 0)).sum() if protect else flat.new_zeros((), dtype=torch.int64)
+    block_bin = _per_block(torch.where(mask, flat, 0), gate_block, "amax").to(torch.int64)
+    return block_bin, _per_block(counted, gate_block, "sum"), always
 
 
-def block_histogram(block_bin: Tensor, counts: Tensor, always: Tensor) -> Tensor:
+def _per_block(flat: Tensor, gate_block: int, reduction: str) -> Tensor:
+    """``flat``'s runs of ``gate_block`` elements (the last may be short) reduced to one value
+    each (``"amax"`` or ``"sum"``, int64 for a bool ``flat``), as views: no padded copy."""
+    whole = flat.numel() - flat.numel() % gate_block
+    parts = [flat[:whole].reshape(-1, gate_block), flat[whole:].reshape(1, -1)] if whole < flat.numel() \
+        else [flat.reshape(-1, gate_block)]
+    reduced = [getattr(part, reduction)(1) for part in parts]
+    return reduced[0] if len(reduced) == 1 else torch.cat(reduced)
+
+
+def block_histogram(block_bin: Tensor, counts: Tensor, always: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """int64 histogram of block bins, each block weighted by its counted elements, and the
-    always-moving bin-0 elements in bin 0."""
-    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=block_bin.device)
+    always-moving bin-0 elements in bin 0 (into ``out``, an int64 [NUM_BINS], if given)."""
+    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=block_bin.device) if out is None else out.zero_()
     hist.index_add_(0, block_bin, counts)
     hist[0] += always
     return hist

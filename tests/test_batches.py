@@ -49,6 +49,8 @@ CASES = {
     "select_group_scope": dict(density=0.4, scope="group", importance="taylor"),
     "protect_tensor_scope": dict(density=0.6, mask="protect", importance="magnitude", maximize=True),
     "bf16_importance_skip": dict(density=0.5, importance_dtype="bfloat16", nonfinite="skip"),
+    "select_blocks_group_scope": dict(density=0.3, gate_block=16, scope="group"),
+    "protect_blocks": dict(density=0.6, mask="protect", gate_block=4),
 }
 
 

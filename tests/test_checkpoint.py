@@ -35,7 +35,10 @@ def _roundtrip(state_dict):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("options", [dict(), dict(mask="protect", scope="group"), dict(importance_dtype="bfloat16")])
+@pytest.mark.parametrize("options", [
+    dict(), dict(mask="protect", scope="group"), dict(importance_dtype="bfloat16"),
+    dict(gate_block=4, backend="compile"), dict(gate_block=8, mask="protect", backend="compile"),
+])
 def test_resume_reproduces_uninterrupted_run(dtype, options):
     params, opt = _setup(dtype, **options)
     gen = torch.Generator().manual_seed(1)
@@ -116,18 +119,18 @@ def test_setstate_fills_options_missing_from_old_checkpoints():
 
 
 def test_checkpoint_whose_options_clash_with_the_optimizer_is_refused_before_any_change():
-    """A checkpoint of block gates (gate_block 16, the reference backend) loaded into a
-    backend="compile" optimizer (which keeps its backend) would make an invalid group:
-    refused, nothing changed."""
+    """A checkpoint whose group holds an invalid option (edited, or from another version)
+    would make an invalid group: refused, nothing changed."""
     param = torch.nn.Parameter(torch.randn(64))
     old = MaskedAdamW([param], backend="torch", gate_block=16, density=0.5)
     param.grad = torch.randn(64)
     old.step()
     saved = old.state_dict()
+    saved["param_groups"][0]["gate_block"] = 24
     target = torch.nn.Parameter(torch.randn(64))
     opt = MaskedAdamW([target], backend="compile")
     before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=r"Invalid gate_block: 16 \(backend='compile'"):
+    with pytest.raises(ValueError, match=r"Invalid gate_block: 24 \(must be a power of two"):
         opt.load_state_dict(saved)
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["state"] == before["state"] == {}

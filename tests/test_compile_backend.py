@@ -71,6 +71,19 @@ CASES = {
         [dict(density=0.5, importance="magnitude", importance_dtype="bfloat16"), dict(density=1.0, anchor_decay=2.0)],
         dict(nonfinite="skip"),
     ),
+    # block gates: blocks of 32 (with short last blocks: 4097 and 33 x 7 elements), protect's
+    # anchor-0 elements moving inside frozen blocks, a group-scope unit of blocks of 2
+    "blocks_select_soft_pull__protect_group": (
+        torch.float32,
+        [dict(density=0.3, gate_block=32, anchor_decay=5.0, protect_strength=2.0),
+         dict(mask="protect", density=0.6, scope="group", gate_block=2)],
+        dict(),
+    ),
+    "blocks_bf16_nonfinite": (
+        torch.bfloat16,
+        [dict(density=0.5, gate_block=1024, importance_dtype="bfloat16"), dict(density=0.2, gate_block=8, importance="taylor")],
+        dict(nonfinite="skip"),
+    ),
 }
 
 
@@ -163,9 +176,11 @@ def test_compiled_training_step_with_optimizer_inside(backend):
         assert_close(p.detach(), q.detach(), "compiled training step")
 
 
-def test_compile_with_user_masks_matches_reference():
-    """Masked elements stay out of the histogram; tensors of several sizes share one bins buffer."""
-    ours, ref, opt, ref_opt = _twin(torch.float32, [dict(density=0.3), dict(density=0.5, mask="protect")])
+@pytest.mark.parametrize("gate_block", [1, 16])
+def test_compile_with_user_masks_matches_reference(gate_block):
+    """Masked elements stay out of the histogram (with block gates: out of their block's
+    maximum and count); tensors of several sizes share one bins buffer."""
+    ours, ref, opt, ref_opt = _twin(torch.float32, [dict(density=0.3), dict(density=0.5, mask="protect")], gate_block=gate_block)
     gen = torch.Generator().manual_seed(3)
     for p, q in zip(ours, ref):
         mask = torch.rand(p.shape, generator=gen) < 0.7

@@ -3,16 +3,19 @@
 The reference (``backend="torch"``) against SPEC's rule written out here with plain torch ops:
 a block's score is the largest score of its allowed elements, the block counts as its allowed
 elements, the threshold brings the realised element density closest to the target. The Triton
-kernel is compared with the reference in ``tests/test_triton_backend.py`` (gate-block configs).
+kernel is compared with the reference in ``tests/test_triton_backend.py`` (gate-block configs),
+the ``compile`` backend in ``tests/test_compile_backend.py``; the tests of whole steps here run
+on them too.
 """
 import copy
+import os
 
 import pytest
 import torch
 
 from masked_optim import MaskedAdamW
 from masked_optim.backends import resolve
-from masked_optim.threshold import score_bins
+from masked_optim.threshold import block_bins, score_bins
 from tests.helpers import lognormal_grads
 
 G = 16
@@ -24,13 +27,14 @@ def _blocks_in_memory_order(moved: torch.Tensor, param: torch.Tensor) -> torch.T
     return moved.permute(order).reshape(-1, G)
 
 
+@pytest.mark.parametrize("backend", ["torch", "compile"])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mask", ["select", "protect"])
-def test_blocks_move_together_and_stay_bit_identical(transposed, mask):
+def test_blocks_move_together_and_stay_bit_identical(transposed, mask, backend):
     generator = torch.Generator().manual_seed(0)
     start = torch.randn(96, 64, generator=generator)
     param = torch.nn.Parameter(start.t().contiguous().t() if transposed else start.clone())
-    opt = MaskedAdamW([param], lr=1e-2, density=0.3, mask=mask, gate_block=G, anchor_decay=1.0, backend="torch")
+    opt = MaskedAdamW([param], lr=1e-2, density=0.3, mask=mask, gate_block=G, anchor_decay=1.0, backend=backend)
     for _ in range(3):
         lognormal_grads([param], generator)
         opt.step()
@@ -134,13 +138,31 @@ def test_gate_block_round_trips_and_old_checkpoints_default_to_element_gates():
     assert older.param_groups[0]["gate_block"] == 1
 
 
-def test_auto_backend_keeps_block_gates_off_the_compile_path():
-    big = 1 << 23
-    assert resolve("auto", torch.device("cpu"), big, gate_block=G) == "torch"
-    assert resolve("auto", torch.device("cpu"), big, gate_block=1) in ("compile", "torch")
+def test_auto_takes_the_compile_path_for_block_gates_on_the_cpu(monkeypatch):
+    """The compile backend steps block gates (``tests/test_compile_backend.py``), so on the CPU
+    ``auto`` chooses by group size alone."""
+    from masked_optim import backends, cpu_histogram, functional
+
+    if cpu_histogram.find_compiler(os.environ.get("CXX")) is None:
+        pytest.skip("no C++ compiler: auto never compiles")
+    monkeypatch.setattr(backends, "AUTO_COMPILE_MIN_NUMEL", 64)
+    taken = []
+    original = functional.masked_adamw
+
+    def spy(tensors, hyper, *, backend, **kwargs):
+        taken.append((hyper.gate_block, backend))
+        return original(tensors, hyper, backend=backend, **kwargs)
+
+    monkeypatch.setattr(functional, "masked_adamw", spy)
+    big, small = torch.nn.Parameter(torch.randn(128)), torch.nn.Parameter(torch.randn(32))
+    opt = MaskedAdamW([{"params": [big]}, {"params": [small]}], density=0.5, gate_block=G)
+    big.grad, small.grad = torch.randn(128), torch.randn(32)
+    opt.step()
+    assert taken == [(G, "compile"), (G, "torch")]
+    assert resolve("auto", torch.device("cpu"), 64) == "compile"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
 def test_changing_gate_block_rederives_the_threshold(backend):
     """An element threshold applied to block maxima would switch most blocks on: a gate_block
     change must make the next step derive its threshold from its own block scores."""
@@ -156,7 +178,7 @@ def test_changing_gate_block_rederives_the_threshold(backend):
         assert abs(opt.mask_stats()[0]["realised_density"] - 0.1) <= 0.02, (gate_block, opt.mask_stats())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
 def test_protect_moves_anchor_zero_elements_inside_frozen_blocks(backend):
     """SPEC: elements with anchor 0 are never frozen — also when they share a block with an
     important element; they are counted in bin 0 so the realised density stays on target."""
@@ -179,3 +201,31 @@ def test_protect_moves_anchor_zero_elements_inside_frozen_blocks(backend):
         assert bool((blocks.all(1) | ~(moved & (anchor > 0)).reshape(-1, 8).any(1)).all())
         # half the elements have anchor 0 and move; of the other half, half of all elements stay
         assert abs(opt.mask_stats()[0]["realised_density"] - 0.5) <= 0.05, opt.mask_stats()
+
+
+def _block_bins_written_out(bins, allowed, gate_block, like, protect):
+    """``threshold.block_bins`` element by element in memory order: the yardstick."""
+    order = sorted(range(like.dim()), key=lambda d: like.stride(d), reverse=True)
+    flat = bins.reshape(like.shape).permute(order).reshape(-1).tolist()
+    mask = [True] * len(flat) if allowed is None else allowed.reshape(like.shape).permute(order).reshape(-1).tolist()
+    block_bin, counts = [], []
+    for start in range(0, len(flat), gate_block):
+        pairs = list(zip(flat[start:start + gate_block], mask[start:start + gate_block]))
+        block_bin.append(max([b for b, m in pairs if m], default=0))
+        counts.append(sum(1 for b, m in pairs if m and (b > 0 or not protect)))
+    always = sum(1 for b, m in zip(flat, mask) if m and b == 0) if protect else 0
+    return block_bin, counts, always
+
+
+@pytest.mark.parametrize("shape, transposed", [((37, 11), False), ((37, 11), True), ((64, 8), True), ((5,), False), ((0,), False)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("protect", [False, True])
+@pytest.mark.parametrize("gate_block", [1, 4, 16, 1024])
+def test_block_bins_are_the_rule_written_out(shape, transposed, masked, protect, gate_block):
+    generator = torch.Generator().manual_seed(sum(shape) + gate_block)
+    like = torch.empty(shape[::-1]).t() if transposed else torch.empty(shape)
+    bins = torch.randint(0, 6, like.shape, generator=generator, dtype=torch.int32)  # many zeros and ties
+    allowed = torch.rand(like.shape, generator=generator) < 0.6 if masked else None
+    block_bin, counts, always = blocks = block_bins(bins, allowed, gate_block, like, protect)
+    assert all(x.dtype == torch.int64 for x in blocks)
+    assert (block_bin.tolist(), counts.tolist(), int(always)) == _block_bins_written_out(bins, allowed, gate_block, like, protect)
