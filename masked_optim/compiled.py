@@ -531,9 +531,10 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     for batch, inputs in zip(plan.batches, gathered):
         first = batch.members[0]
         _, step, binned = calls[first]
-        gate = None if gates[first] is None else gates[first] if batch.shared_gate else batching.element_thresholds(gates, batch)
         if gate_bins[first] is not None:
             inputs, gate = _gate_in_mask(inputs, torch.cat([gate_bins[i].gate(gates[i]) for i in batch.members])), None
+        else:
+            gate = None if gates[first] is None else gates[first] if batch.shared_gate else batching.element_thresholds(gates, batch)
         out = _bins_scratch(inputs[0].device, batch.numel) if binned else None
         counts_per_tensor.append(_compiled("fused_step")(*inputs, gate, scalars[first], out, **step))
         if out is not None:

@@ -24,9 +24,19 @@ def normalise(tensors: list[Tensor], groups: tuple = ()) -> list[Tensor]:
     return [t.float() * inverse for t in tensors]
 
 
+def bias_corrected(importance: Tensor, steps: float, beta: float) -> Tensor:
+    """A running importance over ``steps`` updates divided by ``1 - beta**steps`` (fp32), as the
+    step's scores are (SPEC step 6): tensors of one unit that started late (a grad that was
+    None, a param group added later) then weigh alike. Unchanged after no update."""
+    if steps <= 0:
+        return importance.float()
+    return importance.float() * (1.0 / (1.0 - beta**steps))
+
+
 def combine(importances: list[Tensor], anchors: list[Tensor | None], how: str, groups: tuple = ()) -> list[Tensor]:
-    """New anchors of one unit (local shards): normalised importance folded into the old
-    anchor, renormalised; ``groups`` are the process groups the unit is sharded across."""
+    """New anchors of one unit (local shards): its (bias-corrected) importance normalised and
+    folded into the old anchor, renormalised; ``groups`` are the process groups the unit is
+    sharded across."""
     fresh = normalise(importances, groups)
     merged = []
     for new, old in zip(fresh, anchors):

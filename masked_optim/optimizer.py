@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -77,6 +78,27 @@ def _threshold_key(group: dict[str, Any]) -> float:
             + 8.0 * (int(group["gate_block"]) - 1))
 
 
+def _check_adamw_flags(**flags: Any) -> None:
+    """torch.optim.AdamW's implementation flags: speed hints taken (None or a bool), variants
+    MaskedAdamW does not have refused (ValueError naming the flag and value)."""
+    for name, value in flags.items():
+        hint = name in ("foreach", "fused")
+        if not (isinstance(value, bool) or (hint and value is None)):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a bool{' or None' if hint else ''})")
+        if value and not hint:
+            raise ValueError(f"Invalid {name}: True (MaskedAdamW has no {name} variant; it takes the flag for "
+                             "torch.optim.AdamW compatibility, False only)")
+
+
+def _warn_without_anchor_param(index: int) -> None:
+    """A restoring force asked for after the boundary that would have kept its target."""
+    warnings.warn(
+        f"param group {index} has anchor_decay > 0 but tensors without anchor_param: consolidate() copies "
+        "the params only in groups with anchor_decay > 0 at that time, so these tensors are pulled back "
+        "toward nothing; set anchor_decay before consolidate() (or call it again)", UserWarning, stacklevel=4,
+    )
+
+
 class MaskedAdamW(Optimizer):
     r"""AdamW that learns new data while protecting what the model already knows.
 
@@ -135,6 +157,11 @@ class MaskedAdamW(Optimizer):
             FSDP2 shard) moves or stays as one, scored by its largest score, so the Triton
             kernel skips the param and moment traffic of whole gated-off blocks; ``density``
             stays a fraction of elements.
+        amsgrad, foreach, fused, capturable, differentiable: :class:`torch.optim.AdamW`'s, taken
+            so that code written for it runs unchanged. ``foreach`` and ``fused`` (``None`` or a
+            bool) choose nothing here: ``backend`` does (every backend but the reference is
+            fused). ``amsgrad``, ``capturable`` and ``differentiable`` have no MaskedAdamW
+            variant: ``True`` raises ValueError.
 
     Example::
 
@@ -153,6 +180,7 @@ class MaskedAdamW(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
         density: float = 1.0,
         mask: str = "select",
@@ -166,7 +194,12 @@ class MaskedAdamW(Optimizer):
         backend: str = "auto",
         importance_dtype: str | torch.dtype = "float32",
         gate_block: int = 1,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        _check_adamw_flags(amsgrad=amsgrad, foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, mask=mask,
             importance=importance, importance_beta=importance_beta,
@@ -272,6 +305,7 @@ class MaskedAdamW(Optimizer):
         params, tensors, states, fresh = [], [], [], []
         key = _threshold_key(group)
         state_of = self.state
+        importance_dtype = self._importance_dtype(group)
         for param in group["params"]:
             grad = param.grad
             if grad is None:
@@ -279,6 +313,9 @@ class MaskedAdamW(Optimizer):
             state = state_of.get(param)
             if state is None or "threshold" not in state or "step" not in state or "importance_step" not in state:
                 state = self._init_state(param, group, dict(state or {}))
+                fresh.append((param, state))
+            elif state.get("importance") is not None and state["importance"].dtype != importance_dtype:  # option changed
+                state = {**state, **{k: state[k].to(importance_dtype) for k in ("importance", "anchor") if k in state}}
                 fresh.append((param, state))
             threshold_for = state["threshold_for"]  # another key: the options changed (not known)
             params.append(param)
@@ -355,7 +392,7 @@ class MaskedAdamW(Optimizer):
         # every group is checked (and its compiles and tables made) before the first one steps:
         # a group that cannot step leaves all of them unchanged
         steps = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params, tensors, states, fresh = self._tensor_states(group)
             if not tensors:
                 steps.append(None)
@@ -364,6 +401,8 @@ class MaskedAdamW(Optimizer):
             if backend == "compile" and group["backend"] == "auto" and not all(is_dense(t.param) for t in tensors):
                 backend = "torch"  # the compile backend steps dense params only
             hyper = GroupHyper.from_group(group)
+            if hyper.anchor_decay > 0 and any(t.anchor is not None and t.anchor_param is None for t in tensors):
+                _warn_without_anchor_param(index)
             plan = functional.prepare(tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
             steps.append((tensors, states, fresh, backend, hyper, plan))
         stats: list[Optional[GroupStats]] = []
@@ -416,7 +455,8 @@ class MaskedAdamW(Optimizer):
     def consolidate(self, how: str = "max") -> None:
         """Task boundary: fold the running importance into the anchor and reset it.
 
-        Per unit, the importance is normalised to mean 1 and combined into the anchor
+        Per unit, the importance (bias-corrected per tensor, as the step's scores are) is
+        normalised to mean 1 and combined into the anchor
         (``"max"``: elementwise maximum, ``"sum"``: addition), which is renormalised to mean 1.
         The importance restarts from 0, the parameters are copied into ``anchor_param`` in groups
         with ``anchor_decay > 0``, and every threshold is derived afresh by the next step.
@@ -428,8 +468,12 @@ class MaskedAdamW(Optimizer):
             unit_lists = [params] if group["scope"] == "group" and params else [[p] for p in params]
             for unit in unit_lists:
                 states = [self.state[p] for p in unit]
+                importances = [
+                    consolidation.bias_corrected(local(s["importance"]), float(s["importance_step"]), group["importance_beta"])
+                    for s in states
+                ]
                 anchors = consolidation.combine(
-                    [local(s["importance"]) for s in states], [local(s.get("anchor")) for s in states],
+                    importances, [local(s.get("anchor")) for s in states],
                     how, shard_groups(unit[0]),
                 )
                 for param, state, anchor in zip(unit, states, anchors):
@@ -558,7 +602,10 @@ class MaskedAdamW(Optimizer):
                 raise ValueError(f"Invalid checkpoint: param group {index} has decoupled_weight_decay=False and "
                                  f"weight_decay={saved['weight_decay']} (Adam's L2 decay; MaskedAdamW's decay is AdamW's)")
             options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
-            validate_group({**current, **options, "backend": current["backend"]})
+            try:
+                validate_group({**current, **options, "backend": current["backend"]})
+            except ValueError as error:
+                raise ValueError(f"Invalid checkpoint: param group {index}: {error}") from None
         originals = {pid: dict(state) for pid, state in state_dict["state"].items()}
         for saved, group in zip(saved_groups, self.param_groups):
             for pid, param in zip(saved["params"], group["params"]):

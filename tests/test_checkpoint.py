@@ -130,7 +130,7 @@ def test_checkpoint_whose_options_clash_with_the_optimizer_is_refused_before_any
     target = torch.nn.Parameter(torch.randn(64))
     opt = MaskedAdamW([target], backend="compile")
     before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=r"Invalid gate_block: 24 \(must be a power of two"):
+    with pytest.raises(ValueError, match=r"Invalid checkpoint: param group 0: Invalid gate_block: 24 \(must be a power of two"):
         opt.load_state_dict(saved)
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["state"] == before["state"] == {}
@@ -273,3 +273,20 @@ def test_mask_stats_after_a_load_wait_for_the_next_step():
     lognormal_grads(params, torch.Generator().manual_seed(14))
     opt.step()
     assert opt.mask_stats()[0]["target_density"] == CONFIG["density"]
+
+
+def test_importance_dtype_changed_mid_run_takes_effect_at_the_next_step():
+    """The stored importance and anchor take a changed ``importance_dtype`` at the next step,
+    as a save and load would: the run continues as one resumed from a checkpoint there."""
+    runs = []
+    for reload in (False, True):
+        params, opt = _setup(torch.float32)
+        gen = torch.Generator().manual_seed(13)
+        _run(params, opt, gen, 4, consolidate_at=1)
+        opt.param_groups[0]["importance_dtype"] = "bfloat16"
+        if reload:
+            opt.load_state_dict(_roundtrip(opt.state_dict()))
+        _run(params, opt, gen, 3)
+        assert all(opt.state[p][k].dtype == torch.bfloat16 for p in params for k in ("importance", "anchor"))
+        runs.append(snapshot(opt))
+    assert_bitwise_equal(runs[0], runs[1])

@@ -42,6 +42,37 @@ def test_bad_options_raise_at_construction(options, error, message):
         MaskedAdamW([torch.zeros(3, requires_grad=True)], **options)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (dict(amsgrad=True), r"Invalid amsgrad: True \(MaskedAdamW has no amsgrad variant"),
+    (dict(capturable=True), r"Invalid capturable: True"),
+    (dict(differentiable=True), r"Invalid differentiable: True"),
+    (dict(fused="yes"), r"Invalid fused: 'yes' \(must be a bool or None\)"),
+    (dict(foreach=1), r"Invalid foreach: 1 \(must be a bool or None\)"),
+    (dict(amsgrad=None), r"Invalid amsgrad: None \(must be a bool\)"),
+])
+def test_adamw_variants_masked_adamw_lacks_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        MaskedAdamW([torch.zeros(3, requires_grad=True)], **flags)
+
+
+def test_adamw_keyword_arguments_are_taken_as_written_for_adamw():
+    """Code written for torch.optim.AdamW (nanoGPT's ``fused=True``, amsgrad positionally)
+    runs unchanged, and steps as MaskedAdamW without those flags does."""
+    params = [torch.randn(20, requires_grad=True) for _ in range(2)]
+    plain = MaskedAdamW([params[0]], 1e-2, (0.9, 0.95), 1e-8, 0.1)
+    flagged = MaskedAdamW([params[1]], 1e-2, (0.9, 0.95), 1e-8, 0.1, False, fused=True, foreach=False,
+                          capturable=False, differentiable=False)
+    with torch.no_grad():
+        params[1].copy_(params[0])
+    for _ in range(3):
+        grad = torch.randn(20)
+        params[0].grad, params[1].grad = grad, grad.clone()
+        plain.step()
+        flagged.step()
+    assert torch.equal(params[0], params[1])
+    assert flagged.param_groups[0].keys() == plain.param_groups[0].keys()
+
+
 @pytest.mark.parametrize("options, error, message", BAD_OPTIONS)
 def test_bad_group_is_not_added(options, error, message):
     opt = MaskedAdamW([torch.zeros(3, requires_grad=True)])

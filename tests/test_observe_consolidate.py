@@ -1,4 +1,6 @@
 """observe() touches only importance; consolidate() builds the anchor as SPEC says."""
+import warnings
+
 import pytest
 import torch
 
@@ -127,3 +129,38 @@ def test_observe_rejects_a_bad_grad_scale_before_any_change(bad):
     with pytest.raises(ValueError, match="grad_scale"):
         opt.observe(grad_scale=bad)
     assert_bitwise_equal(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+def test_consolidate_weighs_a_tensor_that_started_late_alike(scope):
+    """Importance is bias-corrected per tensor before a unit is normalised (as the step's
+    scores are): a tensor whose grads arrived 5 steps before the boundary, from the same
+    distribution as one that had them for 100, gets an anchor of the same scale."""
+    early, late = torch.nn.Parameter(torch.randn(4000)), torch.nn.Parameter(torch.randn(4000))
+    opt = MaskedAdamW([early, late], scope=scope, importance_beta=0.99)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(100):
+        early.grad = torch.randn(4000, generator=gen)
+        late.grad = torch.randn(4000, generator=gen) if step >= 95 else None
+        opt.step()
+    opt.consolidate()
+    means = [opt.state[p]["anchor"].double().mean().item() for p in (early, late)]
+    assert means == pytest.approx([1.0, 1.0], rel=0.1), means
+
+
+def test_anchor_decay_set_after_the_boundary_warns():
+    """anchor_param is copied at consolidate() only where anchor_decay > 0 then: a restoring
+    force asked for later has no target, which is said, not silently skipped."""
+    param = torch.nn.Parameter(torch.zeros(10))
+    opt = MaskedAdamW([param], lr=0.1)
+    param.grad = torch.randn(10)
+    opt.step()
+    opt.consolidate()
+    opt.param_groups[0]["anchor_decay"] = 100.0
+    param.grad = torch.ones(10)
+    with pytest.warns(UserWarning, match="param group 0 has anchor_decay > 0 but tensors without anchor_param"):
+        opt.step()
+    opt.consolidate()  # now with anchor_decay > 0: the params are kept, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
