@@ -12,12 +12,13 @@ different units).
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Hashable, Optional
 
 import torch
 from torch import Tensor
+
+from masked_optim import scratch
 
 #: tensors of at most this many elements are batched: below it the host cost of a call of its
 #: own (~50 us) outweighs gathering and writing back (~70 B an element more, in cache)
@@ -85,18 +86,11 @@ def _chunks(sizes: list[int]) -> list[tuple[int, int, int, int]]:
     return chunks
 
 
-#: reused gather buffers, one per device and dtype (and thread): fresh ones each step cost
-#: their page faults, more than the copies themselves (~0.5 ms a step for GPT-2's 98 small
-#: tensors on a CPU)
-_SCRATCH = threading.local()
-
-
 def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
-    buffers: dict[tuple[torch.device, torch.dtype], Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((device, dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffer = buffers[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer
+    """Reused gather buffers, one per device and dtype (``scratch``): fresh ones each step cost
+    their page faults, more than the copies themselves (~0.5 ms a step for GPT-2's 98 small
+    tensors on a CPU)."""
+    return scratch.reused("gathered inputs", device, dtype, numel)
 
 
 def gather(flat: list[tuple[Optional[Tensor], ...]], batches: list[Batch]) -> list[list[Optional[Tensor]]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from masked_optim import batches as batching
-from masked_optim import cpu_histogram
+from masked_optim import cpu_histogram, scratch
 from masked_optim import threshold as thr
 from masked_optim.functional import (
     GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, next_thresholds,
@@ -266,30 +265,16 @@ def _elementwise(name: str, index: int, arg: Tensor) -> bool:
     return index in _ELEMENTWISE[name] or (index == _THRESHOLD.get(name) and arg.dim() == 1)
 
 
-#: one reused int32 buffer per device (and thread) for a tensor's score bins, grown to the
-#: largest gated tensor: a fresh multi-megabyte buffer every step costs its page faults, on the
-#: CPU as much time as the step itself (int32, not int16: Inductor's CPU backend vectorises no
-#: int16 store)
-_SCRATCH = threading.local()
-
-
 def _bins_scratch(device: torch.device, numel: int) -> Tensor:
-    buffers: dict[torch.device, Tensor] = _SCRATCH.__dict__.setdefault("bins", {})
-    buffer = buffers.get(device)
-    if buffer is None or buffer.numel() < numel:
-        buffer = buffers[device] = torch.empty(numel, dtype=torch.int32, device=device)
-    return buffer[:numel]
+    """A tensor's score bins: one reused int32 buffer (``scratch``), grown to the largest gated
+    tensor (int32, not int16: Inductor's CPU backend vectorises no int16 store)."""
+    return scratch.reused("score bins", device, torch.int32, numel)
 
 
 def _histograms_scratch(device: torch.device, rows: int) -> Tensor:
-    """A reused int64 [rows, NUM_BINS] buffer per device (and thread): the histograms of one
-    step's gated tensors, one row each (fresh 256 KB histograms page-faulted in each step cost
-    ~0.1 ms a tensor on a CPU)."""
-    buffers: dict[torch.device, Tensor] = _SCRATCH.__dict__.setdefault("histograms", {})
-    buffer = buffers.get(device)
-    if buffer is None or buffer.shape[0] < rows:
-        buffer = buffers[device] = torch.empty(rows, thr.NUM_BINS, dtype=torch.int64, device=device)
-    return buffer[:rows]
+    """The histograms of one step's gated tensors, one row each, in one reused int64 [rows,
+    NUM_BINS] buffer (``scratch``; consecutive rows: the thresholds read them as one batch)."""
+    return scratch.reused("histograms", device, torch.int64, rows * thr.NUM_BINS).view(rows, thr.NUM_BINS)
 
 
 def _histogram(bins: Tensor, where: Optional[Tensor], out: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from masked_optim import functional
+from masked_optim import functional, scratch
 from masked_optim import threshold as thr
 
 N = 200_000
@@ -144,7 +144,7 @@ def test_results_outlive_the_reused_workspace():
     small = _random_histograms(gen, 2, "spread")
     first = thr.threshold_bin(small, 0.3, False)
     kept = first.clone()
-    big = _random_histograms(gen, 3 + thr._WORKSPACE.__dict__.get("cumulative", torch.empty(0)).numel() // thr.NUM_BINS, "low")
+    big = _random_histograms(gen, 3 + scratch.held(thr.CUMULATIVE, torch.device("cpu"), torch.int64) // thr.NUM_BINS, "low")
     assert torch.equal(thr.threshold_bin(big, 0.3, False), _threshold_bin_by_scan(big, 0.3, False))
     assert torch.equal(first, kept)
     assert torch.equal(thr.threshold_bin(small, 0.3, False), kept)
