@@ -22,7 +22,7 @@ GPT2_SMALL_SHAPES: list[tuple[int, ...]] = [(50257, 768), (1024, 768)] + [
 ] + [(768,), (768,)]
 
 
-#: ``gate_block`` of the ``masked_triton_blocks`` implementation (block gates)
+#: ``gate_block`` of the ``masked_triton_blocks`` and ``masked_compile_blocks`` implementations
 BENCH_GATE_BLOCK = 32
 
 
@@ -70,15 +70,16 @@ def make_params(case: Case, device: str) -> list[torch.Tensor]:
 def make_optimizer(impl: str, params: list[torch.Tensor], density: float) -> torch.optim.Optimizer:
     """impl: torch_adamw_fused | torch_adamw_foreach | masked_<backend> (torch, compile, triton)
     | masked_triton_compiled (the triton backend, its step to be wrapped in torch.compile)
-    | masked_triton_blocks (the triton backend with block gates of ``BENCH_GATE_BLOCK``)."""
+    | masked_<backend>_blocks (triton or compile, with block gates of ``BENCH_GATE_BLOCK``)."""
     if impl == "torch_adamw_fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
     if impl == "torch_adamw_foreach":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
     if impl == "masked_triton_compiled":  # stepped through torch.compile: a Tensor lr, as advised
         return MaskedAdamW(params, lr=torch.tensor(1e-3, device=params[0].device), density=density, backend="triton")
-    if impl == "masked_triton_blocks":
-        return MaskedAdamW(params, lr=1e-3, density=density, backend="triton", gate_block=BENCH_GATE_BLOCK)
+    if impl.endswith("_blocks"):
+        backend = impl.removeprefix("masked_").removesuffix("_blocks")
+        return MaskedAdamW(params, lr=1e-3, density=density, backend=backend, gate_block=BENCH_GATE_BLOCK)
     backend = impl.removeprefix("masked_")
     return MaskedAdamW(params, lr=1e-3, density=density, backend=backend)
 

@@ -67,6 +67,8 @@ def implementations(device: str, case: Case, tiny: bool) -> list[str]:
             impls.append("masked_triton_compiled")
         if case.density < 1.0:  # block gates: fewer bytes than dense torch fused AdamW?
             impls.append("masked_triton_blocks")
+    if device == "cpu" and case.density < 1.0:  # the CPU path's block gates (no bytes saved there)
+        impls.append("masked_compile_blocks")
     if case.numel <= (1 << 26 if device != "cpu" else 1 << 24):  # the eager reference is many passes
         impls.append("masked_torch")
     return impls

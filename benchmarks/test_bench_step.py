@@ -18,7 +18,7 @@ from benchmarks.common import GPT2_SMALL_SHAPES, Case, bytes_per_element, make_o
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = {"1M": 1 << 20, "16M": 1 << 24} if DEVICE == "cpu" else {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26, "256M": 1 << 28}
 IMPLS = ["torch_adamw_fused", "torch_adamw_foreach", "masked_torch", "masked_compile"] + (
-    ["masked_triton", "masked_triton_blocks"] if DEVICE == "cuda" else [])
+    ["masked_triton", "masked_triton_blocks"] if DEVICE == "cuda" else ["masked_compile_blocks"])
 
 CASES = [Case(f"one tensor {name}", [(n,)], dtype, density) for name, n in SIZES.items()
          for dtype in (torch.float32, torch.bfloat16) for density in (1.0, 0.1)]
@@ -30,7 +30,7 @@ CASES += [Case("gpt2-small shapes", GPT2_SMALL_SHAPES, torch.float32, density) f
 def test_step(benchmark, case: Case, impl: str) -> None:
     if impl.startswith("torch_adamw") and case.density < 1.0:
         pytest.skip("torch AdamW has no density: its density-1 figure is the peer")
-    if impl == "masked_triton_blocks" and case.density == 1.0:
+    if impl.endswith("_blocks") and case.density == 1.0:
         pytest.skip("block gates change nothing at density 1")
     params = make_params(case, DEVICE)
     optimizer = make_optimizer(impl, params, case.density)
