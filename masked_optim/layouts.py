@@ -49,14 +49,19 @@ def memory_order_view(tensor: Tensor) -> Tensor:
     return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
 
 
+def check_dense(param: Tensor, backend: str) -> None:
+    """ValueError, naming ``backend`` and the layout, unless ``param`` is dense."""
+    if not (param.is_contiguous() or is_dense(param)):
+        raise ValueError(f"backend={backend!r} needs dense params (any dimension order), got strides {param.stride()} "
+                         f"for shape {tuple(param.shape)}; use backend='torch'")
+
+
 def checked_inputs(t: TensorState, backend: str) -> tuple[Tensor, Optional[Tensor]]:
     """Check that ``t``'s param is dense and its state laid out like it (ValueError naming
     ``backend``, the tensor and its layout); return its grad and user mask in the param's
     layout (copies where they are laid out otherwise)."""
     param = t.param
-    if not (param.is_contiguous() or is_dense(param)):
-        raise ValueError(f"backend={backend!r} needs dense params (any dimension order), got strides {param.stride()} "
-                         f"for shape {tuple(param.shape)}; use backend='torch'")
+    check_dense(param, backend)
     contiguous, shape = param.is_contiguous(), param.shape
     for name in STATE_LIKE_PARAM:
         tensor = getattr(t, name)

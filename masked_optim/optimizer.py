@@ -14,7 +14,7 @@ from masked_optim import backends, consolidation, functional
 from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
-from masked_optim.layouts import is_dense
+from masked_optim.layouts import check_dense, is_dense
 from masked_optim.options import DEFAULTS, _number, validate_group, validate_param
 from masked_optim.reference import math_dtype
 
@@ -238,6 +238,8 @@ class MaskedAdamW(Optimizer):
             validate_param(param)
             if merged["backend"] != "torch":
                 backends.resolve(merged["backend"], param.device)
+            if merged["backend"] == "compile":  # (the step checks again: a layout may change)
+                check_dense(_real(local(param)), "compile")
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ state

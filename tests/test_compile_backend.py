@@ -296,10 +296,21 @@ def test_any_dense_layout_steps_like_the_reference():
     _compare(ours, ref, opt, ref_opt)
 
 
-def test_a_param_that_is_not_dense_is_refused_before_any_change():
+def test_a_param_that_is_not_dense_is_refused_when_added():
+    gapped = torch.randn(10, 8)[:, :4].detach().requires_grad_()
+    with pytest.raises(ValueError, match=r"backend='compile' needs dense params .*strides \(8, 1\) for shape \(10, 4\)"):
+        MaskedAdamW([torch.randn(3, requires_grad=True), gapped], backend="compile")
+    opt = MaskedAdamW([torch.randn(3, requires_grad=True)], backend="compile")
+    with pytest.raises(ValueError, match=r"backend='compile' needs dense params"):
+        opt.add_param_group({"params": [gapped]})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_param_that_became_not_dense_is_refused_before_any_change():
     storage = torch.randn(10, 8)
-    good, gapped = torch.randn(16, requires_grad=True), storage[:, :4].detach().requires_grad_()
+    good, gapped = torch.randn(16, requires_grad=True), torch.randn(10, 4, requires_grad=True)
     opt = MaskedAdamW([good, gapped], backend="compile")
+    gapped.data = storage[:, :4]  # laid out anew after the optimizer took it
     good.grad, gapped.grad = torch.randn(16), torch.randn(10, 4)
     before = good.detach().clone()
     with pytest.raises(ValueError, match=r"backend='compile' needs dense params .*strides \(8, 1\) for shape \(10, 4\)"):
