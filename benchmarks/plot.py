@@ -5,9 +5,9 @@ writes results.png beside the JSON: one panel per (dtype, density), single-tenso
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 
 import matplotlib
 
@@ -37,4 +37,6 @@ def plot(path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(plot(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="a results.json written by benchmarks/gpu_run.py (results.png goes beside it)")
+    print(plot(parser.parse_args().results))

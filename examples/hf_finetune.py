@@ -19,6 +19,9 @@ rose from 1.68 to 3.39 with MaskedAdamW and to 5.58 with AdamW, while the new lo
 
     OMP_NUM_THREADS=1 python examples/hf_finetune.py --baseline
 
+With --output-dir D and --save-steps N each run keeps its checkpoints apart (D/pretrain,
+D/fine-tune, D/baseline); --resume D/fine-tune/checkpoint-N continues the fine-tuning exactly.
+
 Real size (GPU; any causal LM and two plain-text files):
 
     python examples/hf_finetune.py --model-name gpt2 --old-text old.txt --new-text new.txt \
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 from typing import Any, Optional
 
@@ -130,13 +134,18 @@ def consolidate_on(old: Blocks, args: argparse.Namespace):
     return ConsolidateOnOldData()
 
 
+#: each run's subdirectory of --output-dir: one run's checkpoints never mix with another's
+RUNS = ("pretrain", "fine-tune", "baseline")
+
+
 def train(model: torch.nn.Module, data: Blocks, steps: int, options: dict[str, Any], args: argparse.Namespace,
-          callbacks: Optional[list] = None, resume: Optional[str] = None) -> MaskedAdamW:
-    """``steps`` Trainer steps on ``data`` with MaskedAdamW(**options); returns the optimizer."""
+          run: str, callbacks: Optional[list] = None, resume: Optional[str] = None) -> MaskedAdamW:
+    """``steps`` Trainer steps on ``data`` with MaskedAdamW(**options), checkpoints (if any) in
+    ``--output-dir``/``run``; returns the optimizer."""
     import transformers
 
     train_args = transformers.TrainingArguments(
-        output_dir=args.output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
+        output_dir=os.path.join(args.output_dir, run), max_steps=steps, per_device_train_batch_size=args.batch_size,
         learning_rate=options["lr"], weight_decay=args.weight_decay, lr_scheduler_type="constant",
         bf16=args.bf16, use_cpu=args.device == "cpu", seed=args.seed, report_to="none",
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
@@ -173,7 +182,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     add("--output-dir", default=None, help="Trainer output directory (default: a temporary one)")
     add("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
-    add("--resume", default=None, help="checkpoint directory to resume the fine-tuning from")
+    add("--resume", default=None, help="checkpoint to resume the fine-tuning from (OUTPUT_DIR/fine-tune/checkpoint-N)")
     add("--seed", type=int, default=0)
     add("--layers", type=int, default=2, help="toy model: GPT-2 layers")
     add("--width", type=int, default=64, help="toy model: embedding width")
@@ -193,18 +202,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         model, old, new = build(args)
         model.to(args.device)
         if not args.model_name:  # give the random toy model some old knowledge to lose
-            train(model, old, args.pretrain_steps, dict(lr=args.lr, weight_decay=args.weight_decay), args)
+            train(model, old, args.pretrain_steps, dict(lr=args.lr, weight_decay=args.weight_decay), args, "pretrain")
         results = {"old_before": mean_loss(model, old, args), "new_before": mean_loss(model, new, args)}
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.baseline else None
         options = dict(lr=args.lr, weight_decay=args.weight_decay, density=args.density, mask=args.mask,
                        anchor_decay=args.anchor_decay, protect_strength=args.protect_strength)
-        opt = train(model, new, args.steps, options, args, callbacks=[consolidate_on(old, args)], resume=args.resume)
+        opt = train(model, new, args.steps, options, args, "fine-tune", callbacks=[consolidate_on(old, args)], resume=args.resume)
         results.update(old_after=mean_loss(model, old, args), new_after=mean_loss(model, new, args))
         stats = [s for s in opt.mask_stats() if s is not None]
         results["realised_density"] = sum(s["elements"] - s["frozen"] for s in stats) / sum(s["elements"] for s in stats)
         if reference is not None:
             model.load_state_dict(reference)
-            train(model, new, args.steps, dict(lr=args.lr, weight_decay=args.weight_decay), args)
+            train(model, new, args.steps, dict(lr=args.lr, weight_decay=args.weight_decay), args, "baseline")
             results.update(old_after_adamw=mean_loss(model, old, args), new_after_adamw=mean_loss(model, new, args))
     for key, value in results.items():
         print(f"{key:>20}: {value:.4f}" + ("" if "density" in key else f"  (perplexity {math.exp(value):.1f})"))

@@ -38,6 +38,18 @@ def local(tensor: Optional[Tensor]) -> Optional[Tensor]:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
+def sharded_like(full: Tensor, like: Tensor) -> Tensor:
+    """A full (unsharded) tensor as a DTensor laid out like the DTensor ``like``: each rank keeps
+    its own piece of its own copy, without communication (every rank holds the full value, as
+    when a full optimizer state dict is loaded on every rank)."""
+    import inspect
+
+    from torch.distributed.tensor import distribute_tensor
+
+    local_only = {"src_data_rank": None} if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
+    return distribute_tensor(full.to(local(like).device), like.device_mesh, like.placements, **local_only)
+
+
 def shard_groups(tensor: Tensor) -> tuple:
     """Process groups over which ``tensor`` is sharded (empty for plain or replicated tensors)."""
     if not is_dtensor(tensor):

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from masked_optim import backends, consolidation, functional
 from masked_optim import threshold as thr
-from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups
+from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups, sharded_like
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.layouts import check_dense, is_dense
 from masked_optim.options import DEFAULTS, _number, validate_group, validate_param
@@ -48,7 +48,11 @@ def _layout_like(key: str, param: Tensor) -> Optional[Tensor]:
 def _restored(value: Tensor, like: Optional[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
     """A loaded state tensor as this optimizer keeps it: its own copy, on the param's device,
     in ``dtype``, laid out like ``like`` (a checkpoint may hold another layout, e.g. saved
-    while the param was channels_last)."""
+    while the param was channels_last), sharded like a DTensor ``like`` if it comes whole (a
+    full state dict: torch reshards only the keys a fresh optimizer has, so not ``anchor``,
+    ``anchor_param`` or ``user_mask``)."""
+    if is_dtensor(like) and not is_dtensor(value) and tuple(value.shape) == tuple(like.shape):
+        return sharded_like(value.to(dtype=dtype, copy=True), like)
     if like is None or is_dtensor(like) or is_dtensor(value):
         return value.to(device=device, dtype=dtype, copy=True)
     restored = torch.empty_like(like, dtype=dtype)
@@ -636,4 +640,5 @@ class MaskedAdamW(Optimizer):
                         self.state[param][key] = self._counter(param, group, value)
                     elif isinstance(value, Tensor):
                         dtype = self._state_dtype(key, param, group) or value.dtype
-                        self.state[param][key] = _restored(value, _layout_like(key, param), param.device, dtype)
+                        like = param if key == "user_mask" and is_dtensor(param) else _layout_like(key, param)
+                        self.state[param][key] = _restored(value, like, param.device, dtype)

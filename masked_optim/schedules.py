@@ -49,6 +49,9 @@ class DensityScheduler:
             a ``schedule`` returns; then no group is changed), steps < 1, an unknown mode, or
             both / neither of ``schedule`` and ``end``.
 
+    Under ``torch.compile`` with the triton backend each new density is a new graph (a float
+    the traced step is specialised on): schedule a few distinct values there (a staircase).
+
     Example::
 
         opt = MaskedAdamW(model.parameters(), density=1.0)

@@ -1,6 +1,7 @@
 """Scenarios run inside each rank of tests/test_distributed.py (gloo, CPU)."""
 from __future__ import annotations
 
+import copy
 import faulthandler
 import os
 import sys
@@ -160,6 +161,48 @@ def scenario_fsdp2_block_gates(rank: int, world: int) -> None:
             assert_close(_full(opt.state[p][key]), _full(ref_opt.state[q][key]), key)
 
 
+def scenario_fsdp2_full_state_dict(rank: int, world: int) -> None:
+    """A full (unsharded) optimizer state dict, loaded on every rank into a fresh sharded model
+    after ``consolidate()`` and ``set_mask()``: torch reshards only the keys the fresh optimizer
+    has, so the anchors and masks arrive whole and must be sharded like their params."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    data = batches(10)
+
+    def sharded():
+        model = model_factory()
+        fully_shard(model)
+        return model, MaskedAdamW(model.parameters(), **{**OPTIONS, "mask": "protect", "density": 0.5})
+
+    model, opt = sharded()
+    train(model, opt, data[:4], consolidate_at=2)
+    first = next(model.parameters())
+    mask = torch.rand(first.shape, generator=torch.Generator().manual_seed(9)) < 0.7  # the same on every rank
+    opt.set_mask(first, mask)
+    train(model, opt, data[4:6])
+    # on every rank; copied as a save would (its counters are the live tensors, as torch's are)
+    full = copy.deepcopy(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True)))
+    saved_params = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, data[6:])
+
+    resumed, resumed_opt = sharded()
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), saved_params):
+            p.copy_(q)
+    set_optimizer_state_dict(resumed, resumed_opt, full, options=StateDictOptions(full_state_dict=True))
+    for p in resumed.parameters():
+        for key in ("anchor", "anchor_param") + (("user_mask",) if p is next(resumed.parameters()) else ()):
+            value = resumed_opt.state[p][key]
+            assert hasattr(value, "to_local") and value.to_local().shape == p.to_local().shape, key
+    train(resumed, resumed_opt, data[6:])
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(p.to_local(), q.to_local()), "run resumed from a full state dict differs"
+        for key, value in opt.state[q].items():
+            if torch.is_tensor(value):
+                assert torch.equal(_full(resumed_opt.state[p][key]), _full(value)), key
+
+
 def run(rank: int, world: int, port: int, tmpdir: str) -> None:
     # a C++ abort (one CI run: "terminate called without an active exception" in rank 0, not
     # reproduced in 14 reruns) then prints every thread's Python stack, after the markers below
@@ -176,6 +219,8 @@ def run(rank: int, world: int, port: int, tmpdir: str) -> None:
         _mark(rank, "fsdp2 triton")
         scenario_fsdp2_block_gates(rank, world)
         _mark(rank, "fsdp2 block gates")
+        scenario_fsdp2_full_state_dict(rank, world)
+        _mark(rank, "fsdp2 full state dict")
     finally:
         dist.destroy_process_group()
     _mark(rank, "process group destroyed")

@@ -74,3 +74,28 @@ def test_unscale_by_user_first():
     twin(x).pow(2).mean().backward()
     plain.step()
     assert_bitwise_equal(snapshot(ours), snapshot(plain), ignore=("threshold_for",))
+
+
+def test_scaler_unscaling_itself_when_the_optimizer_declines_to():
+    """README's Lightning note: with ``opt._step_supports_amp_scaling = False`` the GradScaler
+    unscales the grads and skips inf steps itself (Lightning then allows gradient clipping
+    under ``precision="16-mixed"``); the trajectory is the one the step's own unscaling gives."""
+    model = mlp()
+    twin = copy.deepcopy(model)
+    ours = MaskedAdamW(model.parameters(), lr=1e-2, density=0.5, anchor_decay=1.0)
+    declining = MaskedAdamW(twin.parameters(), lr=1e-2, density=0.5, anchor_decay=1.0)
+    declining._step_supports_amp_scaling = False
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2) for _ in range(2)]
+    gen = torch.Generator().manual_seed(4)
+    for step in range(8):
+        if step == 3:
+            ours.consolidate()
+            declining.consolidate()
+        x = torch.randn(8, 12, generator=gen)
+        for net, opt, scaler in ((model, ours, scalers[0]), (twin, declining, scalers[1])):
+            opt.zero_grad()
+            _scaled_backward(net, scaler, x, poison=step == 5)
+            scaler.step(opt)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() < 2.0**8 * 2**4  # the inf step halved it
+    assert_bitwise_equal(snapshot(ours), snapshot(declining), ignore=("threshold_for",))

@@ -55,3 +55,20 @@ def test_fsdp2_example_two_ranks_and_dcp_resume(tmp_path):
     assert lines[1] == "(resumed) " + lines[0], lines
     realised = float(lines[0].split("realised_density ")[1])
     assert abs(realised - 0.3) < 0.05
+
+
+def test_hf_finetune_resumes_its_own_fine_tuning_not_the_baselines(tmp_path):
+    """Each run (pretrain, fine-tune, baseline) checkpoints into its own subdirectory, so a
+    resume from the fine-tuning's checkpoint ends where the uninterrupted fine-tuning did."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    example = load("hf_finetune")
+    common = ["--device", "cpu", "--pretrain-steps", "2", "--steps", "4", "--batch-size", "4", "--seq-len", "16",
+              "--width", "32", "--examples", "32", "--calibration-batches", "2", "--eval-batches", "1",
+              "--density", "0.1"]
+    whole = example.main(common + ["--output-dir", str(tmp_path / "a"), "--save-steps", "2", "--baseline"])
+    assert {p.name for p in (tmp_path / "a").iterdir()} == set(example.RUNS)
+    resumed = example.main(common + ["--output-dir", str(tmp_path / "b"),
+                                     "--resume", str(tmp_path / "a" / "fine-tune" / "checkpoint-2")])
+    for key in ("old_after", "new_after", "realised_density"):
+        assert resumed[key] == whole[key], key

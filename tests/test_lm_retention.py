@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -78,3 +79,6 @@ def test_seed_summary_ratios_are_per_run():
     assert summary["seeds"] == [0, 1]
     assert masked["forgetting_vs_adamw"] == [0.5, 0.25] and masked["recall_vs_adamw"] == [0.9, 1.0]
     assert "| masked | 50.0% ± 0.0 | 0.38 (0.25–0.50) | 0.700 ± 0.283 | 0.95 |" in table(summary)
+    # AdamW recalling nothing (toy sizes): the ratio is NaN, not a ZeroDivisionError
+    zero = summarise([run(2, (1.0, 0.0), (0.5, 0.2))])["methods"]["masked"]
+    assert zero["forgetting_vs_adamw"] == [0.5] and math.isnan(zero["recall_vs_adamw"][0])

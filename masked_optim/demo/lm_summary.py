@@ -15,16 +15,22 @@ import os
 import statistics
 
 
+def _ratio(value: float, adamw: float) -> float:
+    """``value / adamw``; NaN where AdamW's is 0 (e.g. no fact recalled at toy sizes)."""
+    return value / adamw if adamw else float("nan")
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Per method: the per-run values and their ratios to AdamW in the same run."""
+    """Per method: the per-run values and their ratios to AdamW in the same run (NaN where
+    AdamW's value is 0)."""
     methods = {}
     for name in runs[0]["methods"]:
         forgetting = [run["methods"][name]["relative_forgetting"] for run in runs]
         recall = [run["methods"][name]["recall"] for run in runs]
         methods[name] = dict(
             relative_forgetting=forgetting, recall=recall,
-            forgetting_vs_adamw=[f / run["methods"]["adamw"]["relative_forgetting"] for f, run in zip(forgetting, runs)],
-            recall_vs_adamw=[r / run["methods"]["adamw"]["recall"] for r, run in zip(recall, runs)],
+            forgetting_vs_adamw=[_ratio(f, run["methods"]["adamw"]["relative_forgetting"]) for f, run in zip(forgetting, runs)],
+            recall_vs_adamw=[_ratio(r, run["methods"]["adamw"]["recall"]) for r, run in zip(recall, runs)],
         )
     return dict(seeds=[run["config"]["seed"] for run in runs], methods=methods)
 
