@@ -20,12 +20,14 @@ def plot(path: str) -> str:
         result = json.load(handle)
     rows = [r for r in result["rows"] if r["tensors"] == 1]
     panels = sorted({(r["dtype"], r["density"]) for r in rows})
+    impls = sorted({r["impl"] for r in rows})
+    colours = {impl: f"C{k % 10}" for k, impl in enumerate(impls)}  # one colour per implementation in every panel
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for axis, (dtype, density) in zip(axes[0], panels):
-        for impl in sorted({r["impl"] for r in rows}):
+        for impl in impls:
             points = sorted((r["numel"], r["gbps"]) for r in rows if (r["dtype"], r["density"], r["impl"]) == (dtype, density, impl))
             if points:
-                axis.plot(*zip(*points), marker="o", label=impl)
+                axis.plot(*zip(*points), marker="o", label=impl, color=colours[impl])
         axis.axhline(result["copy_gbps"], color="grey", linestyle="--", label="copy")
         axis.set(xscale="log", yscale="log", xlabel="elements", ylabel="modelled GB/s", title=f"{dtype}, density {density}")
     axes[0][0].legend(fontsize=7)
