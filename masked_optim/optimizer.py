@@ -407,8 +407,9 @@ class MaskedAdamW(Optimizer):
             if backend == "compile" and group["backend"] == "auto" and not all(is_dense(t.param) for t in tensors):
                 backend = "torch"  # the compile backend steps dense params only
             hyper = GroupHyper.from_group(group)
-            if hyper.anchor_decay > 0 and any(t.anchor is not None and t.anchor_param is None for t in tensors):
-                _warn_without_anchor_param(index)
+            if hyper.anchor_decay > 0 and not torch.compiler.is_compiling() \
+                    and any(t.anchor is not None and t.anchor_param is None for t in tensors):
+                _warn_without_anchor_param(index)  # (eager steps only: Dynamo refuses warnings.warn)
             plan = functional.prepare(tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
             steps.append((tensors, states, fresh, backend, hyper, plan))
         stats: list[Optional[GroupStats]] = []
@@ -471,6 +472,12 @@ class MaskedAdamW(Optimizer):
             raise ValueError(f"Invalid how: {how!r} (expected 'max' or 'sum')")
         for group in self.param_groups:
             params = [p for p in group["params"] if "importance" in self.state.get(p, {})]
+            dtype = self._importance_dtype(group)
+            for p in params:  # an importance_dtype changed since the last step takes effect now
+                state = self.state[p]
+                for key in ("importance", "anchor"):
+                    if key in state and state[key].dtype != dtype:
+                        state[key] = state[key].to(dtype)
             unit_lists = [params] if group["scope"] == "group" and params else [[p] for p in params]
             for unit in unit_lists:
                 states = [self.state[p] for p in unit]

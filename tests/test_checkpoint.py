@@ -275,17 +275,21 @@ def test_mask_stats_after_a_load_wait_for_the_next_step():
     assert opt.mask_stats()[0]["target_density"] == CONFIG["density"]
 
 
-def test_importance_dtype_changed_mid_run_takes_effect_at_the_next_step():
-    """The stored importance and anchor take a changed ``importance_dtype`` at the next step,
-    as a save and load would: the run continues as one resumed from a checkpoint there."""
+@pytest.mark.parametrize("consolidate_first", [False, True])
+def test_importance_dtype_changed_mid_run_takes_effect_at_the_next_step(consolidate_first):
+    """The stored importance and anchor take a changed ``importance_dtype`` at the next step
+    (or ``consolidate()``, which reads them), as a save and load would: the run continues as
+    one resumed from a checkpoint there."""
     runs = []
     for reload in (False, True):
-        params, opt = _setup(torch.float32)
+        params, opt = _setup(torch.float32, scope="group")
         gen = torch.Generator().manual_seed(13)
         _run(params, opt, gen, 4, consolidate_at=1)
         opt.param_groups[0]["importance_dtype"] = "bfloat16"
         if reload:
             opt.load_state_dict(_roundtrip(opt.state_dict()))
+        if consolidate_first:
+            opt.consolidate()
         _run(params, opt, gen, 3)
         assert all(opt.state[p][k].dtype == torch.bfloat16 for p in params for k in ("importance", "anchor"))
         runs.append(snapshot(opt))
