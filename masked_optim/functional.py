@@ -90,6 +90,9 @@ class GroupStats:
     frozen: Tensor
     skipped: Tensor
     thresholds: list[Tensor] = field(default_factory=list)
+    #: per threshold, the indices in its param group's ``params`` of its unit's tensors (set by
+    #: the optimizer, which knows the group: ``mask_stats`` labels the thresholds with them)
+    units: list[list[int]] = field(default_factory=list)
     #: a bool on the device, true while every step of the group so far was skipped by the
     #: GradScaler (only for backends that do not read ``found_inf`` on the host); None: a step
     #: was taken
@@ -103,7 +106,7 @@ def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: T
     they are ``current``'s: unknown, NaN in ``mask_stats``."""
     skipped = found_inf.reshape(-1)[0] != 0
     if previous is None:
-        return GroupStats(current.elements, current.updated, current.frozen, current.skipped, current.thresholds, skipped)
+        return GroupStats(current.elements, current.updated, current.frozen, current.skipped, current.thresholds, current.units, skipped)
     keep = [torch.where(skipped, old, new) for old, new in (
         (previous.elements, current.elements), (previous.updated, current.updated),
         (previous.frozen, current.frozen), (previous.skipped, current.skipped),
@@ -112,7 +115,7 @@ def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: T
     if len(previous.thresholds) == len(thresholds):
         thresholds = [torch.where(skipped, old, new) for old, new in zip(previous.thresholds, thresholds)]
     never_taken = None if previous.never_taken is None else previous.never_taken & skipped
-    return GroupStats(*keep, thresholds=thresholds, never_taken=never_taken)
+    return GroupStats(*keep, thresholds=thresholds, units=current.units, never_taken=never_taken)
 
 
 def prepare(

@@ -411,19 +411,23 @@ class MaskedAdamW(Optimizer):
                     and any(t.anchor is not None and t.anchor_param is None for t in tensors):
                 _warn_without_anchor_param(index)  # (eager steps only: Dynamo refuses warnings.warn)
             plan = functional.prepare(tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
-            steps.append((tensors, states, fresh, backend, hyper, plan))
+            steps.append((params, tensors, states, fresh, backend, hyper, plan))
         stats: list[Optional[GroupStats]] = []
         for index, (group, prepared) in enumerate(zip(self.param_groups, steps)):
             previous = self._last_stats[index] if index < len(self._last_stats) else None
             if prepared is None:
                 stats.append(previous)
                 continue
-            tensors, states, fresh, backend, hyper, plan = prepared
+            prepared_params, tensors, states, fresh, backend, hyper, plan = prepared
             self._keep_fresh(fresh)
             _forget_stale_thresholds(states, _threshold_key(group))
             result = functional.masked_adamw(
                 tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf, plan=plan,
             )
+            if result is not None:
+                positions = {id(p): k for k, p in enumerate(group["params"])}
+                members = functional.gated_units(tensors, functional.gated(tensors, hyper), hyper.scope)
+                result.units = [[positions[id(prepared_params[i])] for i in unit] for unit in members]
             if found_inf is None:  # under a scaler the step may have been skipped: keep the hint
                 key = _threshold_key(group)
                 for state in states:
@@ -536,8 +540,9 @@ class MaskedAdamW(Optimizer):
         """Per param group, what the last step did (synchronises with the device).
 
         Keys: ``target_density``, ``realised_density`` (gated-on fraction), ``threshold`` (one
-        score threshold per unit that had one), ``elements``, ``updated``, ``frozen`` (gated off)
-        and ``nonfinite_skipped``. Groups that have not stepped yet report None. Under FSDP2 the
+        score threshold per unit that had one), ``units`` (per threshold, the indices in the
+        group's ``params`` of its unit's tensors), ``elements``, ``updated``, ``frozen`` (gated
+        off) and ``nonfinite_skipped``. Groups that have not stepped yet report None. Under FSDP2 the
         counts are this rank's shards (thresholds are global: histograms are all-reduced);
         ``global_counts=True`` sums them over the shards — a collective, so every rank must
         call it then; it needs every param of a group sharded over the same process groups
@@ -558,6 +563,7 @@ class MaskedAdamW(Optimizer):
                 target_density=float(group["density"]),
                 realised_density=(elements - frozen) / elements if elements else 1.0,
                 threshold=[thr.threshold_value(int(t.item())) for t in stats.thresholds],
+                units=[list(unit) for unit in stats.units],
                 elements=elements, updated=updated, frozen=frozen, nonfinite_skipped=skipped,
             ))
         return report

@@ -116,3 +116,16 @@ def test_soft_scale_slows_important_elements():
     step = 1e-2 / (1 + 100.0 * anchor) / (1 + 1e-8)  # Adam's first step: lr*c * g/(|g| + eps), g = 1
     assert_close(param.detach(), (before.double() - step).float(), "param after one soft-scaled step")
     assert moved[-1] < moved[0] / 10 and twin is not param
+
+
+def test_mask_stats_label_each_threshold_with_its_units_params():
+    """``units`` names, per threshold, the group's params it gates: one each per tensor, all
+    gated ones at group scope; params without a grad (or without a gate) are left out."""
+    params = [torch.nn.Parameter(torch.randn(20)) for _ in range(6)]
+    opt = MaskedAdamW([{"params": params[:3]}, {"params": params[3:], "scope": "group"}], density=0.5)
+    for p in (params[0], params[2], params[3], params[5]):
+        p.grad = torch.randn(20)
+    opt.step()
+    first, second = opt.mask_stats()
+    assert first["units"] == [[0], [2]] and len(first["threshold"]) == 2
+    assert second["units"] == [[0, 2]] and len(second["threshold"]) == 1
