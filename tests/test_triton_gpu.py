@@ -90,3 +90,21 @@ def test_found_inf_on_device_changes_nothing():
     after["param"] = params[0].detach()
     for key in before:
         assert torch.equal(after[key], before[key]), key
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_params_on_a_device_that_is_not_current():
+    """The kernels run on the params' device, not the current one: params on cuda:1 while
+    cuda:0 is current step as on cuda:0."""
+    torch.cuda.set_device(0)
+    start = torch.randn(4097)
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        param = torch.nn.Parameter(start.to(device))
+        optimizer = MaskedAdamW([param], backend="triton", density=0.5, lr=1e-2)
+        for step in range(3):
+            param.grad = torch.sin(torch.arange(4097, device=device) * (step + 1.0))
+            optimizer.step()
+        torch.cuda.synchronize(device)
+        results.append(param.detach().cpu())
+    assert torch.equal(results[0], results[1])

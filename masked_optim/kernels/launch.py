@@ -11,6 +11,7 @@ Grid, memory layout and what each kernel writes: ``step_kernel`` and ``finish_ke
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -190,6 +191,16 @@ def step_group(
     """
     if plan is None:
         plan = prepare_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
+    # Triton launches on the current CUDA device and its current stream: the params' device
+    # must be current (params on cuda:1 while cuda:0 is current would run the kernels on GPU 0
+    # with GPU 1's addresses)
+    with torch.cuda.device(plan.device) if plan.device.type == "cuda" else contextlib.nullcontext():
+        return _launch(tensors, hyper, grad_scale, found_inf, plan)
+
+
+def _launch(
+    tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], plan: Plan,
+) -> tuple[Tensor, Tensor]:
     device, block, group, unit_first, unit_known = plan.device, plan.block, plan.group, plan.unit_first, plan.unit_known
     options = _compile_options(device)
     gated = hyper.density < 1.0
