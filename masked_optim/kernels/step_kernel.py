@@ -47,17 +47,20 @@ assert BIN_SHIFT == 16 and NUM_BINS == 1 << 15, "arith.score_bin hard-codes the 
 
 @triton.jit
 def _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's tensor-table row, element offsets and in-bounds mask (empty when found_inf)."""
+    """This program's tensor-table row, element offsets, in-bounds mask (empty when found_inf)
+    and whether the whole block is in bounds (a scalar from the block's index: a reduction of
+    the offsets would cost two barriers before the first load on a GPU)."""
     pid = tl.program_id(0)
     tensor = tl.load(block_table_pointer + pid)
     row = tensor_table_pointer + tensor.to(tl.int64) * _TENSOR_FIELDS
     numel = tl.load(row + _NUMEL)
     first_block = tl.load(row + _FIRST_BLOCK)
-    offsets = (pid.to(tl.int64) - first_block) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    start = (pid.to(tl.int64) - first_block) * BLOCK
+    offsets = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offsets < numel
     if HAS_FOUND_INF:
         mask = tl.where(tl.load(found_inf_pointer) == 0, mask, False)
-    return row, offsets, mask
+    return row, offsets, mask, start + BLOCK <= numel
 
 
 @triton.jit
@@ -192,7 +195,7 @@ def _score_histogram_kernel(
     """
     # (Scalar conditions enter element masks through tl.where, never through & or |: the
     # triton 3.6 interpreter splats a scalar comparison in its operands' dtype.)
-    row, offsets, mask = _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF, BLOCK)
+    row, offsets, mask, _ = _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF, BLOCK)
     unit, stored, known = _stored_threshold(row, unit_table_pointer)
     protect = tl.load(hyper_pointer + layout.PROTECT) != 0
     mask = tl.where(_prepass_counts(stored, known, protect), mask, False)
@@ -281,9 +284,7 @@ def _masked_adamw_kernel(
             user mask (bool, read as int8), read when HAS_USER_MASK.
             step, importance_step (float32 0-dim): read only.
     """
-    row, offsets, mask = _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF, BLOCK)
-    numel = tl.load(row + _NUMEL)
-    full = tl.max(offsets) < numel
+    row, offsets, mask, full = _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF, BLOCK)
     if HAS_FOUND_INF:
         full = tl.where(tl.load(found_inf_pointer) == 0, full, False)
     if full:
