@@ -61,7 +61,7 @@ def main() -> int:
         for aligned, gate_block in [(True, 1), (False, 1)] + ([(True, g) for g in blocks] if gated else []):
             compiled = compile_kernel(_masked_adamw_kernel, dict(
                 tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",
-                **scale_slots(scaled), prepass_threshold_pointer="*i64", histogram_pointer="*i32", counts_pointer="*i64",
+                **scale_slots(scaled), prepass_threshold_pointer="*i64", histogram_pointer="*i64", counts_pointer="*i64",
             ), dict(
                 **common, ANCHOR_PARAM_DTYPE=param, **flags, HAS_ANCHOR_PARAM=anchor, GATED=gated, HISTOGRAM=gated,
                 PREPASS_RAN=gated, EMULATE_FMA=False, ALIGNED=aligned, GATE_BLOCK=gate_block, BLOCK=block,
@@ -76,7 +76,7 @@ def main() -> int:
         for gate_block in [1] + blocks if gated else ():
             compile_kernel(_score_histogram_kernel, dict(
                 tensor_table_pointer="*i64", block_table_pointer="*i32", unit_table_pointer="*i64", hyper_pointer="*fp64",
-                **scale_slots(scaled), histogram_pointer="*i32",
+                **scale_slots(scaled), histogram_pointer="*i64",
             ), dict(**common, **flags, GATE_BLOCK=gate_block, BLOCK=block))
             count += 1
             print(f"histogram kernel {param} importance {importance} anchor={anchor} scaled={scaled} "

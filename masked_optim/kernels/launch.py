@@ -220,7 +220,7 @@ def _launch(
     prepass_thresholds = group.unknown_thresholds
     prepass_histogram = None
     if prepass:
-        prepass_histogram = torch.zeros(histogram_shape, dtype=torch.int32, device=device)
+        prepass_histogram = torch.zeros(histogram_shape, dtype=torch.int64, device=device)
         for bucket in group.buckets:
             key = bucket.key
             if not key.gated or bucket.blocks == 0:
@@ -238,7 +238,7 @@ def _launch(
         prepass_histogram = _reduce(prepass_histogram, unit_first, tensors)
         prepass_thresholds = thr.threshold_bin(prepass_histogram, hyper.density, protect)
 
-    histogram = torch.zeros(histogram_shape, dtype=torch.int32, device=device) if gated and not protect and group.unit_count else counts
+    histogram = torch.zeros(histogram_shape, dtype=torch.int64, device=device) if gated and not protect and group.unit_count else counts
     for bucket in group.buckets:
         key = bucket.key
         if bucket.blocks == 0:

@@ -186,7 +186,7 @@ def _score_histogram_kernel(
         hyper_pointer: float64 [layout.HYPER_FIELDS], read only.
         grad_scale_pointer: float32 [1], the GradScaler's scale (read when HAS_GRAD_SCALE).
         found_inf_pointer: float32 [1], nonzero: do nothing (read when HAS_FOUND_INF).
-        histogram_pointer: int32 [U, threshold.NUM_BINS], counts added atomically (with
+        histogram_pointer: int64 [U, threshold.NUM_BINS], counts added atomically (with
             GATE_BLOCK > 1 one entry per block of GATE_BLOCK elements, weighted by its allowed
             elements, as ``threshold.block_bins``).
         Through the table: param (PARAM_DTYPE), grad (GRAD_DTYPE), importance
@@ -267,7 +267,7 @@ def _masked_adamw_kernel(
         found_inf_pointer: float32 [1]; nonzero: the program writes nothing at all.
         prepass_threshold_pointer: int64 [U], the threshold derived by the pre-pass (used where
             the stored one is < 0), read only (read when GATED).
-        histogram_pointer: int32 [U, threshold.NUM_BINS]; with HISTOGRAM the bins of this
+        histogram_pointer: int64 [U, threshold.NUM_BINS]; with HISTOGRAM the bins of this
             step's scores are added atomically (for the units the pre-pass did not count).
         counts_pointer: int64 [layout.COUNT_FIELDS]; updated / frozen / non-finite-skipped
             element counts are added atomically.
