@@ -92,6 +92,26 @@ def test_found_inf_on_device_changes_nothing():
         assert torch.equal(after[key], before[key]), key
 
 
+def test_a_step_that_rebuilds_its_tables_does_not_sync():
+    """Grads at new addresses miss the table cache: the rebuilt tables reach the device through
+    pinned memory, without a host synchronisation."""
+    params = [torch.nn.Parameter(torch.randn(4097, device="cuda")), torch.nn.Parameter(torch.randn(300, device="cuda"))]
+    optimizer = MaskedAdamW(params, backend="triton", density=0.5)
+    kept = []  # old grads stay alive: the next ones get new addresses
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+            kept.append(p.grad)
+        if step < 2:
+            optimizer.step()
+            continue
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in the step raises
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_params_on_a_device_that_is_not_current():
     """The kernels run on the params' device, not the current one: params on cuda:1 while

@@ -176,6 +176,15 @@ def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A table built on the host, on ``device``: to CUDA through pinned memory without waiting
+    (a copy from pageable memory waits for the device's queued work: a host sync on every
+    table rebuild; torch's pinned-memory allocator keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def group_tables(
     tensors: list[TensorState],
     inputs: list[tuple[Tensor, Optional[Tensor]]],
@@ -228,13 +237,13 @@ def group_tables(
     for key, members in zip(order, bucket_rows):
         blocks = [-(-rows[i][layout.NUMEL] // block) for i in members]
         block_table = torch.repeat_interleave(torch.tensor(members, dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64))
-        buckets.append(Bucket(key=key, block_table=block_table.to(device), blocks=sum(blocks)))
+        buckets.append(Bucket(key=key, block_table=_to_device(block_table, device), blocks=sum(blocks)))
     elements = sum(row[layout.NUMEL] for row in rows)
     tables = GroupTables(
-        tensor_table=torch.tensor(rows, dtype=torch.int64).reshape(len(rows), layout.TENSOR_FIELDS).to(device),
-        unit_table=torch.tensor(units, dtype=torch.int64).reshape(len(units), 2).to(device),
+        tensor_table=_to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), layout.TENSOR_FIELDS), device),
+        unit_table=_to_device(torch.tensor(units, dtype=torch.int64).reshape(len(units), 2), device),
         unknown_thresholds=torch.full((len(units),), -1, dtype=torch.int64, device=device),
-        fresh_counts=torch.tensor([elements] + [0] * (layout.COUNT_FIELDS - 1), dtype=torch.int64).to(device),
+        fresh_counts=_to_device(torch.tensor([elements] + [0] * (layout.COUNT_FIELDS - 1), dtype=torch.int64), device),
         buckets=buckets, tensor_count=len(rows), unit_count=len(units),
     )
     _cache[cache_key] = tables
