@@ -36,9 +36,16 @@ DTYPES = [(tl.float32, tl.float32), (tl.bfloat16, tl.float32), (tl.float16, tl.f
 
 
 def compile_kernel(kernel, pointers: dict, constants: dict, options: dict = OPTIONS):
-    signature = {**pointers, **dict.fromkeys(constants, "constexpr")}
-    names = list(signature)
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    """Compile one variant: ``pointers`` (argument name -> Triton type) and ``constants``
+    (constexpr name -> value) together name every argument of ``kernel``. Both go to Triton in
+    the kernel's own argument order and the constants by name: Triton numbers constants by the
+    kernel's parameter positions, so numbering them by this call's dict order compiled flags
+    onto the wrong parameters wherever the two orders differ."""
+    kinds = {**pointers, **dict.fromkeys(constants, "constexpr")}
+    missing, unknown = set(kernel.arg_names) - set(kinds), set(kinds) - set(kernel.arg_names)
+    assert not missing and not unknown, f"{kernel.__name__}: missing {sorted(missing)}, unknown {sorted(unknown)}"
+    signature = {name: kinds[name] for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constants))
     return triton.compile(source, target=TARGET, options=options)
 
 

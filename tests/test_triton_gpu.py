@@ -128,3 +128,27 @@ def test_params_on_a_device_that_is_not_current():
         torch.cuda.synchronize(device)
         results.append(param.detach().cpu())
     assert torch.equal(results[0], results[1])
+
+
+def test_steps_on_another_stream_match_steps_on_one():
+    """Tables copied on one stream and reused by a step on another: the step waits for them on
+    the device; the trajectory is the one of steps on a single stream."""
+    start = torch.randn(4097, device="cuda")
+    results = []
+    for switch in (False, True):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = MaskedAdamW([param], backend="triton", density=0.5, lr=1e-2)
+        grad = torch.sin(torch.arange(4097, device="cuda", dtype=torch.float32))
+        side = torch.cuda.Stream()
+        for step in range(4):
+            param.grad = grad * (step + 1)
+            if switch and step % 2:
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    optimizer.step()
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                optimizer.step()
+        torch.cuda.synchronize()
+        results.append(param.detach().clone())
+    assert torch.equal(results[0], results[1])

@@ -202,6 +202,7 @@ def _launch(
     tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], plan: Plan,
 ) -> tuple[Tensor, Tensor]:
     device, block, group, unit_first, unit_known = plan.device, plan.block, plan.group, plan.unit_first, plan.unit_known
+    group.ready_on(device)  # cached tables may have been copied on another stream
     options = _compile_options(device)
     gated = hyper.density < 1.0
     protect = hyper.mask == "protect"

@@ -72,6 +72,14 @@ class GroupTables:
     buckets: list[Bucket]
     tensor_count: int
     unit_count: int
+    #: on CUDA, recorded on the stream the tables were copied on (they arrive without the host
+    #: waiting): a step on another stream waits for it on the device (``ready_on``)
+    copied: Optional["torch.cuda.Event"] = None
+
+    def ready_on(self, device: torch.device) -> None:
+        """Order the current stream of ``device`` after the tables' copies (no host wait)."""
+        if self.copied is not None:
+            torch.cuda.current_stream(device).wait_event(self.copied)
 
 
 _cache: "OrderedDict[tuple, GroupTables]" = OrderedDict()
@@ -246,6 +254,9 @@ def group_tables(
         fresh_counts=_to_device(torch.tensor([elements] + [0] * (layout.COUNT_FIELDS - 1), dtype=torch.int64), device),
         buckets=buckets, tensor_count=len(rows), unit_count=len(units),
     )
+    if device.type == "cuda":  # the copies went to the device's current stream (``_to_device``)
+        tables.copied = torch.cuda.Event()
+        tables.copied.record(torch.cuda.current_stream(device))
     _cache[cache_key] = tables
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
