@@ -86,7 +86,8 @@ def _counters(tensors: list[TensorState], device: torch.device, found_inf: Optio
             f"(found {odd.dtype} of {odd.numel()} elements on {odd.device}): the skipped-step check happens "
             f"on the device. Make state['step'] and state['importance_step'] float32 on the param's device."
         )
-    copies = torch.stack([c.detach().reshape(()).float() for t in tensors for c in (t.step, t.importance_step)]).to(device)
+    # (a pageable non-blocking copy is staged at once: no host wait for the queued kernels)
+    copies = torch.stack([c.detach().reshape(()).float() for t in tensors for c in (t.step, t.importance_step)]).to(device, non_blocking=True)
     return [(copies[2 * i], copies[2 * i + 1]) for i in range(len(tensors))], True
 
 
