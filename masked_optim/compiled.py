@@ -326,7 +326,6 @@ class Plan:
     """One group's step, checked and its compiled variants built, before anything changes."""
 
     flat: list[tuple]  # each tensor's inputs as 1-D views in its param's memory order
-    blocks: bool  # block gates: the gate is set between the passes (``GateBins``)
     shaped: list[tuple]  # the same as its compiled calls take them (``_in_rows``)
     has_gate: list[bool]
     calls: list[tuple]  # per tensor: the first pass's options (or None), the step's, binned
@@ -410,7 +409,7 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
             continue
         gate_like = None if not has_gate[first] else threshold_like if batch.shared_gate else threshold_like.reshape(1)
         _prepare_calls(calls[first], flat[first], gate_like, *likes)
-    return Plan(flat=flat, blocks=blocks, shaped=shaped, has_gate=has_gate, calls=calls, batches=batches, batched=batched)
+    return Plan(flat=flat, shaped=shaped, has_gate=has_gate, calls=calls, batches=batches, batched=batched)
 
 
 def _gate_in_mask(inputs: tuple, gate: Optional[Tensor] = None) -> tuple:
@@ -458,13 +457,13 @@ def _step_group(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optio
     gated_rows = [i for i, gated_ in enumerate(has_gate) if gated_]
     scratch_rows = _histograms_scratch(device, len(gated_rows)) if gated_rows else None
     row_of = {i: scratch_rows[r] for r, i in enumerate(gated_rows)}
-    gate_bins: list[Optional[GateBins]] = [None] * len(tensors)  # block gates' (``Plan.blocks``)
+    gate_bins: list[Optional[GateBins]] = [None] * len(tensors)  # block gates' (gate_block > 1)
     histograms = [(lambda i=i: counted[i] if gate_bins[i] is None else gate_bins[i].histogram(out=row_of[i]))
                   if gated else None for i, gated in enumerate(has_gate)]
 
     def count(members: list[int], bins: list[Tensor], masks: list[Optional[Tensor]]) -> None:
         for i, piece, where in zip(members, bins, masks):
-            if plan.blocks:  # block maxima now (``bins`` is reused); a histogram when asked
+            if hyper.gate_block > 1:  # block maxima now (``bins`` is reused); a histogram when asked
                 gate_bins[i] = GateBins(piece, where, piece, hyper.gate_block, hyper.mask == "protect")
             else:
                 counted[i] = _histogram(piece, where, row_of[i])

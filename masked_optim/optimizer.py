@@ -37,8 +37,10 @@ def _real_mask(mask: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
 
 
 def _layout_like(key: str, param: Tensor) -> Optional[Tensor]:
-    """The tensor whose shape and memory layout state ``key`` of ``param`` has (None: free)."""
-    if key in ("exp_avg", "exp_avg_sq", "anchor_param"):
+    """The tensor whose shape and memory layout state ``key`` of ``param`` has (None: free). A
+    loaded user mask takes its param's layout too (the fused backends read it so; on a DTensor
+    param it is sharded like it)."""
+    if key in ("exp_avg", "exp_avg_sq", "anchor_param", "user_mask"):
         return param
     if key in ("importance", "anchor"):
         return _real(param)
@@ -80,6 +82,12 @@ def _threshold_key(group: dict[str, Any]) -> float:
     """
     return (float(group["density"]) + 2.0 * (group["mask"] == "protect") + 4.0 * (group["scope"] == "group")
             + 8.0 * (int(group["gate_block"]) - 1))
+
+
+def _in_importance_dtype(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The entries of ``state`` stored in the group's importance dtype that are not in ``dtype``
+    (importance and anchor, converted): ``importance_dtype`` changed since they were made."""
+    return {k: state[k].to(dtype) for k in ("importance", "anchor") if k in state and state[k].dtype != dtype}
 
 
 def _check_adamw_flags(**flags: Any) -> None:
@@ -302,17 +310,17 @@ class MaskedAdamW(Optimizer):
                 dtype = torch.bool if key == "user_mask" else self._state_dtype(key, param, group)
                 state[key] = torch.zeros_like(like, dtype=dtype)
 
-    def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[TensorState], list[dict[str, Any]], list]:
-        """The group's params that have grads, each one's ``TensorState`` and its state dict
-        (created on first use). A stored threshold derived for other options is not known
+    def _tensor_states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[int], list[TensorState], list[dict[str, Any]], list]:
+        """The group's params that have grads, their indices in ``group["params"]``, each one's
+        ``TensorState`` and its state dict (created on first use). A stored threshold derived for other options is not known
         (``threshold_known`` False); ``_forget_stale_thresholds`` resets it when the step runs.
         State a param lacks is made in a new dict, listed in ``fresh`` (param, state): the caller
         stores it (``_keep_fresh``) once the step cannot fail any more."""
-        params, tensors, states, fresh = [], [], [], []
+        params, positions, tensors, states, fresh = [], [], [], [], []
         key = _threshold_key(group)
         state_of = self.state
         importance_dtype = self._importance_dtype(group)
-        for param in group["params"]:
+        for position, param in enumerate(group["params"]):
             grad = param.grad
             if grad is None:
                 continue
@@ -320,11 +328,12 @@ class MaskedAdamW(Optimizer):
             if state is None or "threshold" not in state or "step" not in state or "importance_step" not in state:
                 state = self._init_state(param, group, dict(state or {}))
                 fresh.append((param, state))
-            elif state.get("importance") is not None and state["importance"].dtype != importance_dtype:  # option changed
-                state = {**state, **{k: state[k].to(importance_dtype) for k in ("importance", "anchor") if k in state}}
+            elif converted := _in_importance_dtype(state, importance_dtype):  # the option changed
+                state = {**state, **converted}
                 fresh.append((param, state))
             threshold_for = state["threshold_for"]  # another key: the options changed (not known)
             params.append(param)
+            positions.append(position)
             states.append(state)
             if type(param) in _PLAIN and not param.is_complex():  # the common case, spelled cheaply
                 tensors.append(TensorState(
@@ -345,7 +354,7 @@ class MaskedAdamW(Optimizer):
                     user_mask=_real_mask(local(state.get("user_mask")), param),
                 )
             )
-        return params, tensors, states, fresh
+        return params, positions, tensors, states, fresh
 
     def _keep_fresh(self, fresh: list[tuple[Tensor, dict[str, Any]]]) -> None:
         for param, state in fresh:
@@ -399,7 +408,7 @@ class MaskedAdamW(Optimizer):
         # a group that cannot step leaves all of them unchanged
         steps = []
         for index, group in enumerate(self.param_groups):
-            params, tensors, states, fresh = self._tensor_states(group)
+            params, positions, tensors, states, fresh = self._tensor_states(group)
             if not tensors:
                 steps.append(None)
                 continue
@@ -411,23 +420,22 @@ class MaskedAdamW(Optimizer):
                     and any(t.anchor is not None and t.anchor_param is None for t in tensors):
                 _warn_without_anchor_param(index)  # (eager steps only: Dynamo refuses warnings.warn)
             plan = functional.prepare(tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
-            steps.append((params, tensors, states, fresh, backend, hyper, plan))
+            steps.append((positions, tensors, states, fresh, backend, hyper, plan))
         stats: list[Optional[GroupStats]] = []
         for index, (group, prepared) in enumerate(zip(self.param_groups, steps)):
             previous = self._last_stats[index] if index < len(self._last_stats) else None
             if prepared is None:
                 stats.append(previous)
                 continue
-            prepared_params, tensors, states, fresh, backend, hyper, plan = prepared
+            positions, tensors, states, fresh, backend, hyper, plan = prepared
             self._keep_fresh(fresh)
             _forget_stale_thresholds(states, _threshold_key(group))
             result = functional.masked_adamw(
                 tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf, plan=plan,
             )
             if result is not None:
-                positions = {id(p): k for k, p in enumerate(group["params"])}
                 members = functional.gated_units(tensors, functional.gated(tensors, hyper), hyper.scope)
-                result.units = [[positions[id(prepared_params[i])] for i in unit] for unit in members]
+                result.units = [[positions[i] for i in unit] for unit in members]
             if found_inf is None:  # under a scaler the step may have been skipped: keep the hint
                 key = _threshold_key(group)
                 for state in states:
@@ -455,7 +463,7 @@ class MaskedAdamW(Optimizer):
             scale = value
         self._check_grads()
         for group in self.param_groups:
-            _, tensors, _, fresh = self._tensor_states(group)
+            _, _, tensors, _, fresh = self._tensor_states(group)
             if not tensors:
                 continue
             self._keep_fresh(fresh)
@@ -478,10 +486,7 @@ class MaskedAdamW(Optimizer):
             params = [p for p in group["params"] if "importance" in self.state.get(p, {})]
             dtype = self._importance_dtype(group)
             for p in params:  # an importance_dtype changed since the last step takes effect now
-                state = self.state[p]
-                for key in ("importance", "anchor"):
-                    if key in state and state[key].dtype != dtype:
-                        state[key] = state[key].to(dtype)
+                self.state[p].update(_in_importance_dtype(self.state[p], dtype))
             unit_lists = [params] if group["scope"] == "group" and params else [[p] for p in params]
             for unit in unit_lists:
                 states = [self.state[p] for p in unit]
@@ -632,7 +637,7 @@ class MaskedAdamW(Optimizer):
                 if "step" not in state and any(key in state for key in ("exp_avg", "exp_avg_sq")):
                     raise ValueError(f"Invalid checkpoint: the state of param {pid} has moments but no 'step'")
                 for key, value in state.items():
-                    like = param if key == "user_mask" else _layout_like(key, param)  # (a mask's layout is free)
+                    like = _layout_like(key, param)
                     if like is not None and isinstance(value, Tensor) and tuple(value.shape) != tuple(like.shape):
                         raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] has shape {tuple(value.shape)}, "
                                          f"its param {tuple(like.shape)}")
@@ -653,5 +658,4 @@ class MaskedAdamW(Optimizer):
                         self.state[param][key] = self._counter(param, group, value)
                     elif isinstance(value, Tensor):
                         dtype = self._state_dtype(key, param, group) or value.dtype
-                        like = param if key == "user_mask" and is_dtensor(param) else _layout_like(key, param)
-                        self.state[param][key] = _restored(value, like, param.device, dtype)
+                        self.state[param][key] = _restored(value, _layout_like(key, param), param.device, dtype)
