@@ -32,7 +32,7 @@ CONFIGS = {
     "select-group-scope-anchor-soft-restore-usermask": (
         dict(lr=1e-2, density=0.3, importance="fisher", importance_beta=0.9, scope="group",
              protect_strength=0.5, anchor_decay=2.0),
-        dict(density=0.5, scope="tensor"), dict(anchor=True, user_mask=True),
+        dict(density=0.5, scope="tensor"), dict(anchor=True, user_mask=True, dead=True),
     ),
     "protect-taylor-maximize-bf16-importance": (
         dict(lr=1e-2, density=0.6, mask="protect", importance="taylor", maximize=True,
@@ -45,11 +45,11 @@ CONFIGS = {
     ),
     "select-gate-block-taylor-anchor-usermask": (
         dict(lr=1e-2, density=0.3, gate_block=16, importance="taylor", anchor_decay=1.0, protect_strength=0.5),
-        dict(gate_block=4, density=0.6), dict(anchor=True, user_mask=True),
+        dict(gate_block=4, density=0.6), dict(anchor=True, user_mask=True, dead=True),
     ),
     "protect-gate-block-group-scope-nonfinite-scaler": (
         dict(lr=1e-2, density=0.5, mask="protect", gate_block=64, scope="group", anchor_decay=2.0),
-        dict(mask="select", gate_block=1024, scope="tensor"), dict(anchor=True, nonfinite=True, scaler=True),
+        dict(mask="select", gate_block=1024, scope="tensor"), dict(anchor=True, nonfinite=True, scaler=True, dead=True),
     ),
     "protect-without-anchor-propagate": (
         dict(lr=1e-2, density=0.4, mask="protect", nonfinite="propagate"), dict(mask="select"), dict(),
@@ -72,9 +72,13 @@ def make_params(device: str) -> tuple[list[torch.nn.Parameter], list[torch.nn.Pa
 
 
 def set_grads(params: list[torch.nn.Parameter], generator: torch.Generator, step: int, flags: dict, scale: float) -> None:
-    """Random grads (times the scaler's scale); with ``nonfinite`` a few NaN/Inf entries."""
+    """Random grads (times the scaler's scale); with ``dead`` the first third of each tensor's
+    grads are always 0 (score 0: histogram bin 0, as unused embedding rows); with
+    ``nonfinite`` a few NaN/Inf entries."""
     for index, p in enumerate(params):
         grad = torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale
+        if flags.get("dead"):
+            grad.view(-1)[: grad.numel() // 3] = 0
         if flags.get("nonfinite") and grad.numel() > 3:
             flat = grad.view(-1)
             flat[(step * 7 + index) % flat.numel()] = float("nan")

@@ -138,6 +138,21 @@ def _block_bins(bins, allowed, protect, BLOCK: tl.constexpr, GATE_BLOCK: tl.cons
 
 
 @triton.jit
+def _count_bins(histogram_pointer, unit, bins, weight, counted, more_zeros):
+    """Add ``weight`` (int) at each ``counted`` entry's ``bins`` to the unit's histogram row,
+    and ``more_zeros`` (a scalar) to its bin 0.
+
+    Bin 0 (score 0: elements whose grads were always 0, e.g. unused embedding rows, or
+    protect's anchor 0) is summed in the program and added by one atomic: element-wise, every
+    such element of the launch would hit one address, serialised in the L2. Other bins get one
+    relaxed atomic per entry (scores spread over 2**15 bins)."""
+    row = histogram_pointer + unit * _NUM_BINS
+    zero = tl.sum(tl.where(counted & (bins == 0), weight, 0).to(tl.int64)) + more_zeros
+    tl.atomic_add(row, zero, mask=zero > 0, sem="relaxed")
+    tl.atomic_add(row + bins, weight, mask=counted & (bins != 0), sem="relaxed")
+
+
+@triton.jit
 def _expand_blocks(values, BLOCK: tl.constexpr, GATE_BLOCK: tl.constexpr):
     """Per-block values repeated over each block's GATE_BLOCK elements."""
     return tl.reshape(tl.broadcast_to(values[:, None], [BLOCK // GATE_BLOCK, GATE_BLOCK]), [BLOCK])
@@ -213,10 +228,9 @@ def _score_histogram_kernel(
     bins = arith.score_bin(score)
     if GATE_BLOCK > 1:
         block_bin, weight, always = _block_bins(bins, mask, protect, BLOCK, GATE_BLOCK)
-        tl.atomic_add(histogram_pointer + unit * _NUM_BINS + block_bin, weight, mask=weight > 0, sem="relaxed")
-        tl.atomic_add(histogram_pointer + unit * _NUM_BINS, always, mask=always > 0, sem="relaxed")
+        _count_bins(histogram_pointer, unit, block_bin, weight, weight > 0, always)
     else:
-        tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=mask, sem="relaxed")
+        _count_bins(histogram_pointer, unit, bins, 1, mask, 0)
 
 
 @triton.jit
@@ -361,14 +375,14 @@ def _step_elements(
                 counted = weight > 0
                 if PREPASS_RAN:
                     counted = tl.where(_prepass_counts(stored, known, protect), False, counted)
-                tl.atomic_add(histogram_pointer + unit * _NUM_BINS + block_bin, weight, mask=counted, sem="relaxed")
+                _count_bins(histogram_pointer, unit, block_bin, weight, counted, 0)
         else:
             gate = allowed & tl.where(protect, bins < current, bins >= current)
             if HISTOGRAM:
                 counted = allowed
                 if PREPASS_RAN:
                     counted = tl.where(_prepass_counts(stored, known, protect), False, allowed)
-                tl.atomic_add(histogram_pointer + unit * _NUM_BINS + bins, 1, mask=counted, sem="relaxed")
+                _count_bins(histogram_pointer, unit, bins, 1, counted, 0)
     moving = gate & live
     # Without DENSE_IO, param, moments and theta* are read and written where ``io``: the moving
     # elements, or with block gates every element of a gated-on block (a mask constant over
