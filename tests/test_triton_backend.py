@@ -191,6 +191,80 @@ def test_triton_matches_reference_with_gpu_sized_blocks(name, monkeypatch):
     compare_backends(name, "cpu")
 
 
+class _Recorder:
+    """Wraps a kernel: logs every launch's and every warmup's variant (constants and argument
+    types, as Triton's cache key sees them), optionally failing some warmups."""
+
+    def __init__(self, kernel, log: dict, fail=lambda constants: False):
+        self.kernel, self.log, self.fail = kernel, log, fail
+
+    def _variant(self, args, constants) -> tuple:
+        def kind(arg):
+            if isinstance(arg, int):
+                return ("int", arg == 1, arg % 16 == 0)
+            return arg.dtype if torch.is_tensor(arg) else arg
+        return (self.kernel.fn.__name__, tuple(map(kind, args)), tuple(sorted(constants.items())))
+
+    def __getitem__(self, grid):
+        def launch(*args, **constants):
+            self.log["launched"].add(self._variant(args, constants))
+            return self.kernel[grid](*args, **constants)
+        return launch
+
+    def warmup(self, *args, grid, **constants):
+        if self.fail(constants):
+            raise RuntimeError("compile error (test)")
+        self.log["warmed"].add(self._variant(args, constants))
+        return self.kernel.warmup(*args, grid=grid, **constants)
+
+
+def _record_kernels(monkeypatch, fail=lambda constants: False) -> dict:
+    from masked_optim.kernels import launch, tables
+
+    monkeypatch.setattr(tables, "_cache", type(tables._cache)())  # no tables compiled ahead already
+    monkeypatch.setattr(tables, "_checked", {})
+    log = {"launched": set(), "warmed": set()}
+    for name in ("_masked_adamw_kernel", "_score_histogram_kernel", "_finish_step_kernel"):
+        monkeypatch.setattr(launch, name, _Recorder(getattr(launch, name), log, fail))
+    return log
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_kernel_a_step_launches_was_compiled_ahead(name, monkeypatch):
+    """``launch.compile_ahead`` (run while the optimizer prepares its groups) warms exactly the
+    variants the steps then launch: pre-pass, step kernel per bucket, finish kernel, with
+    GradScaler, consolidate and user masks as in CONFIGS."""
+    log = _record_kernels(monkeypatch)
+    run("triton", name, "cpu")
+    assert log["launched"] and log["launched"] == log["warmed"]
+
+
+def test_a_kernel_that_fails_to_compile_leaves_every_group_as_it_was(monkeypatch):
+    """A compile error in the second group's kernels (here: its float64 params) is raised
+    before the first group steps: nothing is half-applied, and the next step goes on."""
+    group_a, group_b = make_params("cpu")
+    params = group_a + group_b
+    optimizer = MaskedAdamW([{"params": group_a}, {"params": group_b}], backend="triton", density=0.5)
+    generator = torch.Generator().manual_seed(1)
+    set_grads(params, generator, 0, {}, 1.0)
+    optimizer.step()
+    set_grads(params, generator, 1, {}, 1.0)
+    before, stats = snapshot(optimizer, params), optimizer.mask_stats()
+    import triton.language as tl
+
+    log = _record_kernels(monkeypatch, fail=lambda constants: constants.get("PARAM_DTYPE") == tl.float64)
+    with pytest.raises(RuntimeError, match="compile error"):
+        optimizer.step()
+    after = snapshot(optimizer, params)
+    assert after.keys() == before.keys()
+    for key in before:
+        assert torch.equal(after[key].nan_to_num(), before[key].nan_to_num()), key
+    assert optimizer.mask_stats() == stats and not log["launched"]
+    monkeypatch.undo()
+    optimizer.step()
+    assert not torch.equal(params[0].detach(), before[(0, "param")])
+
+
 def test_skipped_step_changes_nothing():
     """found_inf: params, state, counters, thresholds and mask_stats stay bit-identical."""
     group_a, group_b = make_params("cpu")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from masked_optim import MaskedAdamW
-from tests.test_triton_backend import CONFIGS, compare_backends
+from tests.test_triton_backend import CONFIGS, compare_backends, run
 
 pytestmark = [
     pytest.mark.gpu,
@@ -152,3 +152,28 @@ def test_steps_on_another_stream_match_steps_on_one():
         torch.cuda.synchronize()
         results.append(param.detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["select-gate-block-taylor-anchor-usermask", "select-magnitude-nonfinite-scaler"])
+def test_steps_launch_only_kernels_compiled_ahead(name, monkeypatch):
+    """``launch.compile_ahead`` compiles (Triton's warmup, dtypes for the per-step tensors) the
+    very variants the launches then use: no launch compiles anything, so a compile error comes
+    while the optimizer prepares its groups, before any group steps."""
+    from masked_optim.kernels import launch
+
+    kernels = (launch._masked_adamw_kernel, launch._score_histogram_kernel, launch._finish_step_kernel)
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
+
+    counts, original = [], launch._launch
+
+    def counting(*args, **kwargs):
+        before = compiled()
+        result = original(*args, **kwargs)
+        counts.append((before, compiled()))
+        return result
+
+    monkeypatch.setattr(launch, "_launch", counting)
+    run("triton", name, "cuda")
+    assert counts and all(before == after for before, after in counts), counts

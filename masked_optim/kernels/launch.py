@@ -135,10 +135,10 @@ def prepare_group(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> Plan:
-    """Every check of a group's step and its device tables, changing nothing (a step whose
-    ``tables.signature`` matches an earlier checked one reuses its tables unchecked): the
-    optimizer prepares all groups before it steps the first, so that a bad group leaves every
-    group as it was."""
+    """Every check of a group's step, its device tables and its kernels (``compile_ahead``),
+    changing nothing (a step whose ``tables.signature`` matches an earlier checked one reuses
+    its tables unchecked): the optimizer prepares all groups before it steps the first, so that
+    a bad group, or a kernel that fails to compile, leaves every group as it was."""
     device = tensors[0].param.device
     if device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError(
@@ -169,7 +169,9 @@ def prepare_group(
         keep_alive = (inputs, counters)
     elif grad_scale is not None and grad_scale.device != device or found_inf is not None and found_inf.device != device:
         _check_device(tensors, device, grad_scale, found_inf)
-    return Plan(device, block, group, unit_first, unit_known, host_counters, keep_alive)
+    plan = Plan(device, block, group, unit_first, unit_known, host_counters, keep_alive)
+    compile_ahead(plan, hyper, grad_scale, found_inf)
+    return plan
 
 
 def step_group(
@@ -195,16 +197,120 @@ def step_group(
     # Triton launches on the current CUDA device and its current stream: the params' device
     # must be current (params on cuda:1 while cuda:0 is current would run the kernels on GPU 0
     # with GPU 1's addresses)
-    with torch.cuda.device(plan.device) if plan.device.type == "cuda" else contextlib.nullcontext():
+    with _on(plan.device):
         return _launch(tensors, hyper, grad_scale, found_inf, plan)
+
+
+def variant(plan: Plan, hyper: GroupHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> tuple:
+    """Everything besides the group's tables that decides which kernels a step compiles."""
+    dtypes = tuple(None if t is None else t.dtype for t in (grad_scale, found_inf))
+    return (not all(plan.unit_known), hyper.density < 1.0, hyper.mask == "protect", hyper.gate_block, dtypes)
+
+
+def compile_ahead(plan: Plan, hyper: GroupHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """Compile every kernel variant the step will launch, launching nothing (Triton's
+    ``warmup``; a no-op under the interpreter), so that a compile error is raised while the
+    optimizer prepares its groups, before it steps the first. Each group's tables remember the
+    variants compiled; the per-step tensors are passed as their dtypes, as Triton's warmup
+    allows (their addresses, like every fresh allocation's, are 16-byte aligned)."""
+    key = variant(plan, hyper, grad_scale, found_inf)
+    if key in plan.group.compiled:
+        return
+    slots = _Slots(
+        hyper=torch.float64, grad_scale=grad_scale.dtype if grad_scale is not None else torch.float64,
+        found_inf=found_inf.dtype if found_inf is not None else torch.float64, histogram=torch.int64,
+        prepass_thresholds=torch.int64, counts=torch.int64, next_thresholds=torch.int64,
+        stats_counts=torch.int64, stats_thresholds=torch.int64, scratch=torch.int64,
+    )
+    with _on(plan.device):
+        for phase in ("prepass", "step", "finish"):
+            for kernel, _, args, constants in _calls(phase, plan, hyper, grad_scale, found_inf, slots):
+                kernel.warmup(*args, grid=(1,), **constants)
+    plan.group.compiled.add(key)
+
+
+@dataclass
+class _Slots:
+    """A step's arguments besides the group's tables: tensors, or (to compile ahead) dtypes."""
+
+    hyper: object
+    grad_scale: object
+    found_inf: object
+    histogram: object
+    prepass_thresholds: object
+    counts: object
+    next_thresholds: object
+    stats_counts: object
+    stats_thresholds: object
+    scratch: object
+
+
+def _calls(phase: str, plan: Plan, hyper: GroupHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], slots: _Slots) -> list[tuple]:
+    """The kernel launches of one phase of a step ("prepass", "step" or "finish"), each as
+    (kernel, grid, args, constants): the one description that both ``_launch`` and
+    ``compile_ahead`` use."""
+    group, block, device = plan.group, plan.block, plan.device
+    options = _compile_options(device)
+    prepass = not all(plan.unit_known)
+    protect = hyper.mask == "protect"
+    units = group.unit_count > 0
+    scaled, skippable = grad_scale is not None, found_inf is not None
+    if phase == "finish":
+        has_next = hyper.density < 1.0 and units and not protect or prepass
+        args = (
+            group.tensor_table, group.tensor_count, group.unit_table if units else slots.scratch, group.unit_count,
+            slots.prepass_thresholds if units else slots.scratch,
+            slots.next_thresholds if has_next else slots.scratch, slots.scratch, slots.found_inf,
+            slots.counts, slots.stats_counts, slots.stats_thresholds if units else slots.scratch,
+        )
+        constants = dict(HAS_FOUND_INF=skippable, HAS_NEXT=has_next, KEEP_KNOWN=protect, BLOCK=_FINISH_BLOCK,
+                         **({} if device.type == "cpu" else {"num_warps": _NUM_WARPS}))
+        return [(_finish_step_kernel, (1,), args, constants)]
+    calls = []
+    for bucket in group.buckets:
+        key = bucket.key
+        if bucket.blocks == 0 or phase == "prepass" and not (prepass and key.gated):
+            continue
+        dtypes = dict(
+            PARAM_DTYPE=tables.TRITON_DTYPES[key.param], GRAD_DTYPE=tables.TRITON_DTYPES[key.grad],
+            MATH_DTYPE=tables.TRITON_DTYPES[key.math], IMPORTANCE_DTYPE=tables.TRITON_DTYPES[key.importance],
+            ANCHOR_DTYPE=tables.TRITON_DTYPES[key.anchor or key.importance],
+        )
+        if phase == "prepass":
+            args = (group.tensor_table, bucket.block_table, group.unit_table, slots.hyper, slots.grad_scale,
+                    slots.found_inf, slots.histogram)
+            constants = dict(
+                **dtypes, HAS_ANCHOR=key.anchor is not None, HAS_USER_MASK=key.user_mask,
+                HAS_GRAD_SCALE=scaled, HAS_FOUND_INF=skippable, GATE_BLOCK=hyper.gate_block, BLOCK=block, **options,
+            )
+        else:
+            args = (
+                group.tensor_table, bucket.block_table, group.unit_table if units else slots.counts, slots.hyper,
+                slots.grad_scale, slots.found_inf, slots.prepass_thresholds if units else slots.counts,
+                slots.histogram, slots.counts,
+            )
+            constants = dict(
+                **dtypes, ANCHOR_PARAM_DTYPE=tables.TRITON_DTYPES[key.anchor_param or key.param],
+                HAS_ANCHOR=key.anchor is not None, HAS_ANCHOR_PARAM=key.anchor_param is not None,
+                HAS_USER_MASK=key.user_mask, HAS_GRAD_SCALE=scaled, HAS_FOUND_INF=skippable, GATED=key.gated,
+                HISTOGRAM=key.gated and not protect, PREPASS_RAN=prepass, EMULATE_FMA=device.type == "cpu",
+                ALIGNED=key.aligned, GATE_BLOCK=hyper.gate_block if key.gated else 1, BLOCK=block, **options,
+            )
+        kernel = _score_histogram_kernel if phase == "prepass" else _masked_adamw_kernel
+        calls.append((kernel, (bucket.blocks,), args, constants))
+    return calls
+
+
+def _on(device: torch.device):
+    """Triton launches (and compiles for) the current CUDA device: make ``device`` current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch(
     tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], plan: Plan,
 ) -> tuple[Tensor, Tensor]:
-    device, block, group, unit_first, unit_known = plan.device, plan.block, plan.group, plan.unit_first, plan.unit_known
+    device, group, unit_first, unit_known = plan.device, plan.group, plan.unit_first, plan.unit_known
     group.ready_on(device)  # cached tables may have been copied on another stream
-    options = _compile_options(device)
     gated = hyper.density < 1.0
     protect = hyper.mask == "protect"
     hyper_table = _hyper_table(hyper, device)
@@ -212,73 +318,40 @@ def _launch(
     # this step's stats: the finish kernel fills them unless found_inf skipped the step (then
     # zero counts and unknown thresholds, and the optimizer keeps the last step taken's:
     # functional.last_taken)
-    stats_counts = torch.zeros(layout.COUNT_FIELDS, dtype=torch.int64, device=device)
-    stats_thresholds = torch.full((group.unit_count,), thr.UNKNOWN, dtype=torch.int64, device=device)
     histogram_shape = (group.unit_count, thr.NUM_BINS)
-    grad_scale_arg = grad_scale if grad_scale is not None else hyper_table
-    found_inf_arg = found_inf if found_inf is not None else hyper_table
+    slots = _Slots(
+        hyper=hyper_table, grad_scale=grad_scale if grad_scale is not None else hyper_table,
+        found_inf=found_inf if found_inf is not None else hyper_table, histogram=None,
+        prepass_thresholds=group.unknown_thresholds, counts=counts, next_thresholds=None,
+        stats_counts=torch.zeros(layout.COUNT_FIELDS, dtype=torch.int64, device=device),
+        stats_thresholds=torch.full((group.unit_count,), thr.UNKNOWN, dtype=torch.int64, device=device),
+        scratch=torch.empty(max(group.unit_count, 1), dtype=torch.int64, device=device),
+    )
 
     prepass = not all(unit_known)
-    prepass_thresholds = group.unknown_thresholds
     prepass_histogram = None
     if prepass:
-        prepass_histogram = torch.zeros(histogram_shape, dtype=torch.int64, device=device)
-        for bucket in group.buckets:
-            key = bucket.key
-            if not key.gated or bucket.blocks == 0:
-                continue
-            _score_histogram_kernel[(bucket.blocks,)](
-                group.tensor_table, bucket.block_table, group.unit_table, hyper_table,
-                grad_scale_arg, found_inf_arg, prepass_histogram,
-                PARAM_DTYPE=tables.TRITON_DTYPES[key.param], GRAD_DTYPE=tables.TRITON_DTYPES[key.grad],
-                MATH_DTYPE=tables.TRITON_DTYPES[key.math], IMPORTANCE_DTYPE=tables.TRITON_DTYPES[key.importance],
-                ANCHOR_DTYPE=tables.TRITON_DTYPES[key.anchor or key.importance],
-                HAS_ANCHOR=key.anchor is not None, HAS_USER_MASK=key.user_mask,
-                HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                GATE_BLOCK=hyper.gate_block, BLOCK=block, **options,
-            )
+        prepass_histogram = slots.histogram = torch.zeros(histogram_shape, dtype=torch.int64, device=device)
+        for kernel, grid, args, constants in _calls("prepass", plan, hyper, grad_scale, found_inf, slots):
+            kernel[grid](*args, **constants)
         prepass_histogram = _reduce(prepass_histogram, unit_first, tensors)
-        prepass_thresholds = thr.threshold_bin(prepass_histogram, hyper.density, protect)
+        slots.prepass_thresholds = thr.threshold_bin(prepass_histogram, hyper.density, protect)
 
-    histogram = torch.zeros(histogram_shape, dtype=torch.int64, device=device) if gated and not protect and group.unit_count else counts
-    for bucket in group.buckets:
-        key = bucket.key
-        if bucket.blocks == 0:
-            continue
-        _masked_adamw_kernel[(bucket.blocks,)](
-            group.tensor_table, bucket.block_table, group.unit_table if group.unit_count else counts, hyper_table,
-            grad_scale_arg, found_inf_arg, prepass_thresholds if group.unit_count else counts, histogram, counts,
-            PARAM_DTYPE=tables.TRITON_DTYPES[key.param], GRAD_DTYPE=tables.TRITON_DTYPES[key.grad],
-            MATH_DTYPE=tables.TRITON_DTYPES[key.math], IMPORTANCE_DTYPE=tables.TRITON_DTYPES[key.importance],
-            ANCHOR_DTYPE=tables.TRITON_DTYPES[key.anchor or key.importance],
-            ANCHOR_PARAM_DTYPE=tables.TRITON_DTYPES[key.anchor_param or key.param],
-            HAS_ANCHOR=key.anchor is not None, HAS_ANCHOR_PARAM=key.anchor_param is not None,
-            HAS_USER_MASK=key.user_mask, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, GATED=key.gated, HISTOGRAM=key.gated and not protect,
-            PREPASS_RAN=prepass, EMULATE_FMA=device.type == "cpu", ALIGNED=key.aligned,
-            GATE_BLOCK=hyper.gate_block if key.gated else 1, BLOCK=block, **options,
-        )
+    slots.histogram = torch.zeros(histogram_shape, dtype=torch.int64, device=device) if gated and not protect and group.unit_count else counts
+    for kernel, grid, args, constants in _calls("step", plan, hyper, grad_scale, found_inf, slots):
+        kernel[grid](*args, **constants)
 
-    next_thresholds = None
     if gated and group.unit_count and not protect:
-        histogram = _reduce(histogram, unit_first, tensors)
+        histogram = _reduce(slots.histogram, unit_first, tensors)
         if prepass_histogram is not None:
             histogram = histogram + prepass_histogram
-        next_thresholds = thr.threshold_bin(histogram, hyper.density, protect)
+        slots.next_thresholds = thr.threshold_bin(histogram, hyper.density, protect)
     elif prepass:
-        next_thresholds = prepass_thresholds
-    scratch = torch.empty(max(group.unit_count, 1), dtype=torch.int64, device=device)
-    _finish_step_kernel[(1,)](
-        group.tensor_table, group.tensor_count, group.unit_table if group.unit_count else scratch, group.unit_count,
-        prepass_thresholds if group.unit_count else scratch,
-        next_thresholds if next_thresholds is not None else scratch, scratch, found_inf_arg,
-        counts, stats_counts, stats_thresholds if group.unit_count else scratch,
-        HAS_FOUND_INF=found_inf is not None, HAS_NEXT=next_thresholds is not None, KEEP_KNOWN=protect,
-        BLOCK=_FINISH_BLOCK,
-        **({} if device.type == "cpu" else {"num_warps": _NUM_WARPS}),
-    )
+        slots.next_thresholds = slots.prepass_thresholds
+    for kernel, grid, args, constants in _calls("finish", plan, hyper, grad_scale, found_inf, slots):
+        kernel[grid](*args, **constants)
     if plan.host_counters:
         for t in tensors:
             t.step += 1
             t.importance_step += 1
-    return stats_counts, stats_thresholds
+    return slots.stats_counts, slots.stats_thresholds

@@ -14,7 +14,7 @@ from ~11 ms to ~0.85 ms on a 2-core CPU, about a third of it the signature:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -75,6 +75,8 @@ class GroupTables:
     #: on CUDA, recorded on the stream the tables were copied on (they arrive without the host
     #: waiting): a step on another stream waits for it on the device (``ready_on``)
     copied: Optional["torch.cuda.Event"] = None
+    #: the launch variants (``launch.variant``) whose kernels were compiled ahead of a step
+    compiled: set = field(default_factory=set)
 
     def ready_on(self, device: torch.device) -> None:
         """Order the current stream of ``device`` after the tables' copies (no host wait)."""
