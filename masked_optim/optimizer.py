@@ -169,11 +169,16 @@ class MaskedAdamW(Optimizer):
             FSDP2 shard) moves or stays as one, scored by its largest score, so the Triton
             kernel skips the param and moment traffic of whole gated-off blocks; ``density``
             stays a fraction of elements.
-        amsgrad, foreach, fused, capturable, differentiable: :class:`torch.optim.AdamW`'s, taken
-            so that code written for it runs unchanged. ``foreach`` and ``fused`` (``None`` or a
-            bool) choose nothing here: ``backend`` does (every backend but the reference is
-            fused). ``amsgrad``, ``capturable`` and ``differentiable`` have no MaskedAdamW
-            variant: ``True`` raises ValueError.
+        fused: as in :class:`torch.optim.AdamW`, ``True`` makes the step unscale the grads
+            itself under a :class:`torch.amp.GradScaler` (``_step_supports_amp_scaling``): no
+            separate unscaling pass over the grads, and with the Triton kernel no host sync for
+            ``found_inf``. Lightning then refuses ``gradient_clip_val``, as for torch's fused
+            AdamW. Default (``None``/``False``): the GradScaler unscales the grads and skips inf
+            steps itself, as for torch's default AdamW. Which kernels run is ``backend``'s choice.
+        amsgrad, foreach, capturable, differentiable: :class:`torch.optim.AdamW`'s, taken so
+            that code written for it runs unchanged. ``foreach`` (``None`` or a bool) chooses
+            nothing here: ``backend`` does. ``amsgrad``, ``capturable`` and ``differentiable``
+            have no MaskedAdamW variant: ``True`` raises ValueError.
 
     Example::
 
@@ -183,7 +188,8 @@ class MaskedAdamW(Optimizer):
         train(model, new_task, opt)          # important weights are pulled back
     """
 
-    _step_supports_amp_scaling = True
+    #: GradScaler hands the step ``grad_scale``/``found_inf`` instead of unscaling (``fused=True``)
+    _step_supports_amp_scaling = False
 
     def __init__(
         self,
@@ -221,7 +227,15 @@ class MaskedAdamW(Optimizer):
         )
         validate_group(defaults)
         self._last_stats: list[Optional[GroupStats]] = []
+        if fused:
+            self._step_supports_amp_scaling = True
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if "_step_supports_amp_scaling" in self.__dict__:  # fused=True (or set): kept by deepcopy/pickle
+            state["_step_supports_amp_scaling"] = self._step_supports_amp_scaling
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -372,8 +386,9 @@ class MaskedAdamW(Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Take one step: importance, gate, restoring force and scaled AdamW update.
 
-        Under a :class:`torch.amp.GradScaler` the grads are unscaled inside the step and a step
-        with ``found_inf`` changes nothing at all.
+        Under a :class:`torch.amp.GradScaler` with ``fused=True`` the grads are unscaled inside
+        the step and a step with ``found_inf`` changes nothing at all (without it the scaler
+        unscales, and skips such a step itself).
         """
         loss = None
         if closure is not None:

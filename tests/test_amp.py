@@ -1,4 +1,5 @@
-"""GradScaler: grads are unscaled inside the step; found_inf leaves everything unchanged."""
+"""GradScaler: with ``fused=True`` grads are unscaled inside the step and found_inf leaves
+everything unchanged; by default (as torch's AdamW) the scaler unscales and skips itself."""
 import copy
 
 import torch
@@ -16,7 +17,7 @@ def _scaled_backward(model, scaler, x, poison=False):
 
 def test_found_inf_changes_nothing():
     model = mlp()
-    opt = MaskedAdamW(model.parameters(), lr=1e-2, density=0.5, anchor_decay=1.0)
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, density=0.5, anchor_decay=1.0, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = torch.randn(8, 12)
     for _ in range(3):
@@ -40,7 +41,7 @@ def test_scaled_step_equals_unscaled_step():
     """With a power-of-two scale, unscaling is exact: same trajectory as without a scaler."""
     model = mlp()
     twin = copy.deepcopy(model)
-    ours = MaskedAdamW(model.parameters(), lr=1e-2, density=0.5)
+    ours = MaskedAdamW(model.parameters(), lr=1e-2, density=0.5, fused=True)
     plain = MaskedAdamW(twin.parameters(), lr=1e-2, density=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
     for step in range(10):
@@ -62,7 +63,7 @@ def test_scaled_step_equals_unscaled_step():
 def test_unscale_by_user_first():
     model = mlp()
     twin = copy.deepcopy(model)
-    ours = MaskedAdamW(model.parameters(), lr=1e-2)
+    ours = MaskedAdamW(model.parameters(), lr=1e-2, fused=True)
     plain = MaskedAdamW(twin.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     x = torch.randn(8, 12)
@@ -76,15 +77,15 @@ def test_unscale_by_user_first():
     assert_bitwise_equal(snapshot(ours), snapshot(plain), ignore=("threshold_for",))
 
 
-def test_scaler_unscaling_itself_when_the_optimizer_declines_to():
-    """README's Lightning note: with ``opt._step_supports_amp_scaling = False`` the GradScaler
-    unscales the grads and skips inf steps itself (Lightning then allows gradient clipping
-    under ``precision="16-mixed"``); the trajectory is the one the step's own unscaling gives."""
+def test_scaler_unscaling_itself_matches_the_fused_step():
+    """Default (as torch's AdamW): the GradScaler unscales the grads and skips inf steps itself,
+    and Lightning allows gradient clipping under mixed precision; ``fused=True``: the step does
+    both (``_step_supports_amp_scaling``). The two trajectories are the same."""
     model = mlp()
     twin = copy.deepcopy(model)
-    ours = MaskedAdamW(model.parameters(), lr=1e-2, density=0.5, anchor_decay=1.0)
+    ours = MaskedAdamW(model.parameters(), lr=1e-2, density=0.5, anchor_decay=1.0, fused=True)
     declining = MaskedAdamW(twin.parameters(), lr=1e-2, density=0.5, anchor_decay=1.0)
-    declining._step_supports_amp_scaling = False
+    assert ours._step_supports_amp_scaling and not declining._step_supports_amp_scaling
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2) for _ in range(2)]
     gen = torch.Generator().manual_seed(4)
     for step in range(8):
@@ -99,3 +100,13 @@ def test_scaler_unscaling_itself_when_the_optimizer_declines_to():
             scaler.update()
     assert scalers[0].get_scale() == scalers[1].get_scale() < 2.0**8 * 2**4  # the inf step halved it
     assert_bitwise_equal(snapshot(ours), snapshot(declining), ignore=("threshold_for",))
+
+
+def test_fused_flag_is_kept_by_deepcopy_and_pickle():
+    import pickle
+
+    for fused in (None, False, True):
+        opt = MaskedAdamW(mlp().parameters(), fused=fused)
+        assert opt._step_supports_amp_scaling is bool(fused)
+        assert copy.deepcopy(opt)._step_supports_amp_scaling is bool(fused)
+        assert pickle.loads(pickle.dumps(opt))._step_supports_amp_scaling is bool(fused)

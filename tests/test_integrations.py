@@ -2,8 +2,8 @@
 
 Trainer: ``optimizer_cls_and_kwargs`` on a 2-layer GPT-2 with a consolidation mid-run; a run
 resumed from a checkpoint ends bit-identical to the uninterrupted one (weights, optimizer
-state). Lightning: ``configure_optimizers`` returning MaskedAdamW under ``bf16-mixed``, stepped
-through Lightning's closure.
+state). Lightning: ``configure_optimizers`` returning MaskedAdamW under ``bf16-mixed`` with gradient
+clipping, stepped through Lightning's closure.
 """
 from __future__ import annotations
 
@@ -80,7 +80,11 @@ def test_hf_trainer_resume_reproduces_uninterrupted_run(tmp_path):
     assert [h["loss"] for h in resumed.state.log_history if "loss" in h] == losses  # 1-2 from the checkpoint
 
 
-def test_lightning_closure_and_bf16_mixed(tmp_path):
+@pytest.mark.parametrize("fused", [None, True])
+def test_lightning_closure_bf16_mixed_and_clipping(tmp_path, fused):
+    """Lightning steps through its closure under bf16 autocast and clips the grads; it refuses
+    ``gradient_clip_val`` for optimizers that unscale inside their step (``fused=True``, as
+    torch's fused AdamW)."""
     lightning = pytest.importorskip("lightning")
 
     class Recording(MaskedAdamW):
@@ -108,7 +112,7 @@ def test_lightning_closure_and_bf16_mixed(tmp_path):
             return loss
 
         def configure_optimizers(self):
-            opt = Recording(self.parameters(), lr=1e-2, weight_decay=0.0, density=0.5)
+            opt = Recording(self.parameters(), lr=1e-2, weight_decay=0.0, density=0.5, fused=fused)
             opt.module, opt.calls = self, []
             return opt
 
@@ -119,9 +123,13 @@ def test_lightning_closure_and_bf16_mixed(tmp_path):
     torch.manual_seed(0)
     module = Regression()
     trainer = lightning.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_steps=40, logger=False, enable_checkpointing=False,
+        accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1.0, max_steps=40, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
     )
+    if fused:
+        with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+            trainer.fit(module, data)
+        return
     trainer.fit(module, data)
     opt = trainer.optimizers[0]
     assert isinstance(opt, Recording)
