@@ -21,6 +21,10 @@ from masked_optim.reference import math_dtype
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 _STATE_KINDS = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
+#: every per-param state entry; entries that only come together (a checkpoint holding part of
+#: one of these sets is refused: the step would have to invent the rest)
+_STATE_KEYS = frozenset(_STATE_KINDS) | {"step", "importance_step", "threshold", "threshold_for", "user_mask"}
+_STATE_SETS = (("step", "exp_avg", "exp_avg_sq"), ("importance", "importance_step"), ("threshold", "threshold_for"))
 #: param types stepped as they are (no DTensor shard to take, no complex view)
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -62,13 +66,16 @@ def _restored(value: Tensor, like: Optional[Tensor], device: torch.device, dtype
     return restored
 
 
-def _forget_stale_thresholds(states: list[dict[str, Any]], key: float) -> None:
-    """Reset to unknown the stored thresholds derived for other options than ``key``'s (done as
-    the step runs, after every group was checked: a step that raises changes nothing)."""
-    for state in states:
-        if state["threshold_for"] != key and state["threshold_for"] != -key:
-            state["threshold"].fill_(thr.UNKNOWN)
-            state["threshold_for"] = -key
+def _forget_stale_thresholds(states: list[dict[str, Any]], key: float, whole_unit: bool) -> None:
+    """Reset to unknown the stored thresholds derived for other options than ``key``'s, or
+    marked ``_STALE`` (done as the step runs, after every group was checked: a step that raises
+    changes nothing). ``whole_unit`` (group scope: ``states`` are one unit): if any is reset,
+    all are, so the unit derives its threshold afresh from this step's scores, whichever member
+    is listed first (a unit gates with its first member's stored threshold where it is known)."""
+    stale = [state for state in states if state["threshold_for"] != key and state["threshold_for"] != -key]
+    for state in (states if stale and whole_unit else stale):
+        state["threshold"].fill_(thr.UNKNOWN)
+        state["threshold_for"] = -key
 
 
 def _threshold_key(group: dict[str, Any]) -> float:
@@ -77,11 +84,27 @@ def _threshold_key(group: dict[str, Any]) -> float:
     ``state["threshold_for"]`` holds it: ``key`` when the stored threshold is known to be valid,
     ``-key`` when it is either valid for these options or still unknown (``threshold.UNKNOWN``
     on the device: fresh state, after ``consolidate()``, or after steps under a GradScaler,
-    whose ``found_inf`` the host does not read). Any other value: the options changed, so the
-    next step resets the threshold to unknown.
+    whose ``found_inf`` the host does not read). Any other value: the options changed, or
+    (``_STALE``) the tensor missed a step of its group-scope unit, so the next step resets the
+    threshold to unknown.
     """
     return (float(group["density"]) + 2.0 * (group["mask"] == "protect") + 4.0 * (group["scope"] == "group")
             + 8.0 * (int(group["gate_block"]) - 1))
+
+
+#: ``threshold_for`` of a tensor whose group-scope unit stepped without it (no grad): its
+#: stored threshold is older than its unit's, so it is unknown again when it returns (else the
+#: unit's threshold would depend on which member is listed first)
+_STALE = 0.0
+
+
+def _mark_missed(params: list[Tensor], stepped: list[int], state_of: dict) -> None:
+    """Mark ``_STALE`` the stored thresholds of ``params`` not at positions ``stepped``."""
+    taken = set(stepped)
+    for position, param in enumerate(params):
+        state = state_of.get(param) if position not in taken else None
+        if state is not None and "threshold_for" in state:
+            state["threshold_for"] = _STALE
 
 
 def _in_importance_dtype(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -298,9 +321,9 @@ class MaskedAdamW(Optimizer):
         if "importance" not in state:
             state["importance"] = torch.zeros_like(_real(param), dtype=self._importance_dtype(group))
             state["importance_step"] = self._counter(param, group)
-        if "threshold" not in state:
+        if "threshold" not in state:  # (_STALE: in group scope the whole unit derives afresh)
             state["threshold"] = torch.full((), thr.UNKNOWN, dtype=torch.int64, device=param.device)
-            state["threshold_for"] = -_threshold_key(group)
+            state["threshold_for"] = _STALE
         return state
 
     def _counter(self, param: Tensor, group: dict[str, Any], value: Any = 0.0) -> Tensor:
@@ -444,7 +467,7 @@ class MaskedAdamW(Optimizer):
                 continue
             positions, tensors, states, fresh, backend, hyper, plan = prepared
             self._keep_fresh(fresh)
-            _forget_stale_thresholds(states, _threshold_key(group))
+            _forget_stale_thresholds(states, _threshold_key(group), hyper.scope == "group")
             result = functional.masked_adamw(
                 tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf, plan=plan,
             )
@@ -457,6 +480,8 @@ class MaskedAdamW(Optimizer):
                     state["threshold_for"] = key
             elif result is not None and backend == "triton":  # found_inf stays on the device
                 result = functional.last_taken(previous, result, found_inf)
+            if hyper.scope == "group" and len(positions) < len(group["params"]):
+                _mark_missed(group["params"], positions, self.state)
             stats.append(result if result is not None else previous)
         self._last_stats[:] = stats  # in place: a compiled step replays list mutations
 
@@ -497,6 +522,18 @@ class MaskedAdamW(Optimizer):
         """
         if how not in consolidation.HOWS:
             raise ValueError(f"Invalid how: {how!r} (expected 'max' or 'sum')")
+        for index, group in enumerate(self.param_groups):  # every group checked before any changes
+            try:
+                validate_group(group)
+            except ValueError as error:
+                raise ValueError(f"consolidate(): param group {index}: {error}") from None
+        if not any("importance" in self.state.get(p, {}) for group in self.param_groups for p in group["params"]):
+            warnings.warn(
+                "consolidate() before any step() or observe(): no importance has been measured, so no anchor "
+                "is made and nothing will be protected or pulled back. Run observe() on gradients of the old "
+                "data (or train on it) first", UserWarning, stacklevel=2,
+            )
+            return
         for group in self.param_groups:
             params = [p for p in group["params"] if "importance" in self.state.get(p, {})]
             dtype = self._importance_dtype(group)
@@ -540,21 +577,22 @@ class MaskedAdamW(Optimizer):
         if not any(param is p for group in self.param_groups for p in group["params"]):
             raise ValueError("set_mask: param is not managed by this optimizer")
         group = next(g for g in self.param_groups if any(param is p for p in g["params"]))
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise ValueError(f"set_mask: mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if tuple(mask.shape) != tuple(param.shape):
+                raise ValueError(f"set_mask: mask shape {tuple(mask.shape)} does not match param shape {tuple(param.shape)}")
+            if is_dtensor(param) and not is_dtensor(mask):
+                from torch.distributed.tensor import distribute_tensor
+
+                mask = distribute_tensor(mask.to(local(param).device), param.device_mesh, param.placements)
+            mask = mask.to(param.device).clone()
         state = self._init_state(param, group)
         if mask is None:
             state.pop("user_mask", None)
-            return
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"set_mask: mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if tuple(mask.shape) != tuple(param.shape):
-            raise ValueError(f"set_mask: mask shape {tuple(mask.shape)} does not match param shape {tuple(param.shape)}")
-        if is_dtensor(param) and not is_dtensor(mask):
-            from torch.distributed.tensor import distribute_tensor
-
-            mask = distribute_tensor(mask.to(local(param).device), param.device_mesh, param.placements)
-        state["user_mask"] = mask.to(param.device).clone()
-        state["threshold"].fill_(thr.UNKNOWN)  # the unit's population changed
-        state["threshold_for"] = -_threshold_key(group)
+        else:
+            state["user_mask"] = mask
+        state["threshold_for"] = _STALE  # the unit's population changed: derived afresh next step
 
     def mask_stats(self, global_counts: bool = False) -> list[dict[str, Any]]:
         """Per param group, what the last step did (synchronises with the device).
@@ -651,6 +689,19 @@ class MaskedAdamW(Optimizer):
                 state = originals.get(pid, {})
                 if "step" not in state and any(key in state for key in ("exp_avg", "exp_avg_sq")):
                     raise ValueError(f"Invalid checkpoint: the state of param {pid} has moments but no 'step'")
+                for key in state:
+                    if key not in _STATE_KEYS:
+                        raise ValueError(f"Invalid checkpoint: state[{pid!r}] has {key!r}, which MaskedAdamW does not "
+                                         "keep (the state of another optimizer?)")
+                for keys in _STATE_SETS:
+                    if any(key in state for key in keys) and not all(key in state for key in keys):
+                        missing = [key for key in keys if key not in state]
+                        raise ValueError(f"Invalid checkpoint: state[{pid!r}] has {', '.join(repr(k) for k in keys if k in state)} "
+                                         f"but no {', '.join(map(repr, missing))}")
+                mask = state.get("user_mask")
+                if mask is not None and not (isinstance(mask, Tensor) and mask.dtype == torch.bool):
+                    raise ValueError(f"Invalid checkpoint: state[{pid!r}]['user_mask'] must be a bool Tensor, got "
+                                     f"{getattr(mask, 'dtype', type(mask).__name__)}")
                 for key, value in state.items():
                     like = _layout_like(key, param)
                     if like is not None and isinstance(value, Tensor) and tuple(value.shape) != tuple(like.shape):

@@ -222,6 +222,18 @@ def test_foreign_checkpoint_whose_options_masked_adamw_would_ignore_is_refused(f
     assert_bitwise_equal(snapshot(ours), before)
 
 
+def test_sgd_checkpoint_is_refused():
+    """An SGD (momentum) checkpoint would load its lr and step with no moments; torch's AdamW
+    fails at its first step, MaskedAdamW refuses it at the load, changing nothing."""
+    params, ours = _trained()
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    _run(params, sgd, torch.Generator().manual_seed(12), 2)
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match="'momentum_buffer', which MaskedAdamW does not keep"):
+        ours.load_state_dict(sgd.state_dict())
+    assert_bitwise_equal(snapshot(ours), before)
+
+
 def test_adam_without_weight_decay_loads():
     params, _ = _setup(torch.float32)
     adam = torch.optim.Adam(params, lr=1e-3)
@@ -236,6 +248,12 @@ def test_adam_without_weight_decay_loads():
     (lambda entry: entry.update(exp_avg=entry["exp_avg"][:1]), r"\['exp_avg'\] has shape \(1, 20\), its param \(30, 20\)"),
     (lambda entry: entry.update(importance=entry["importance"].t()), r"\['importance'\] has shape \(20, 30\)"),
     (lambda entry: entry.update(user_mask=torch.ones(1, dtype=torch.bool)), r"\['user_mask'\] has shape \(1,\), its param \(30, 20\)"),
+    (lambda entry: entry.update(user_mask=torch.ones(30, 20)), r"\['user_mask'\] must be a bool Tensor, got torch.float32"),
+    (lambda entry: entry.pop("exp_avg_sq"), r"has 'step', 'exp_avg' but no 'exp_avg_sq'"),
+    (lambda entry: entry.pop("importance_step"), r"has 'importance' but no 'importance_step'"),
+    (lambda entry: entry.pop("importance"), r"has 'importance_step' but no 'importance'"),
+    (lambda entry: entry.pop("threshold_for"), r"has 'threshold' but no 'threshold_for'"),
+    (lambda entry: entry.update(momentum_buffer=torch.zeros(30, 20)), r"has 'momentum_buffer', which MaskedAdamW does not keep"),
 ])
 def test_malformed_state_is_refused_before_any_change(edit, message):
     params, opt = _trained()

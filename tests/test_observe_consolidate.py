@@ -85,6 +85,28 @@ def test_consolidate_rejects_unknown_how():
         opt.consolidate("mean")
 
 
+def test_consolidate_before_any_importance_warns_and_changes_nothing():
+    """Nothing measured yet (no step, no observe): no anchor can be made; a user who expected
+    the pretrained weights to be protected is told so."""
+    params = _params()
+    opt = MaskedAdamW(params, anchor_decay=1.0)
+    with pytest.warns(UserWarning, match=r"consolidate\(\) before any step\(\) or observe\(\)"):
+        opt.consolidate()
+    assert not opt.state
+
+
+def test_consolidate_checks_every_group_before_changing_any():
+    params = _params()
+    opt = MaskedAdamW([{"params": params[:1]}, {"params": params[1:]}], anchor_decay=1.0)
+    set_random_grads(params, torch.Generator().manual_seed(0))
+    opt.step()
+    opt.param_groups[1]["importance_beta"] = 1.0
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"consolidate\(\): param group 1: Invalid importance_beta: 1.0"):
+        opt.consolidate()
+    assert_bitwise_equal(snapshot(opt), before)
+
+
 def test_consolidate_with_zero_importance_keeps_zero_anchor():
     params = _params()
     opt = MaskedAdamW(params)

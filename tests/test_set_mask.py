@@ -58,3 +58,4 @@ def test_bad_masks_are_rejected():
         opt.set_mask(param, mask.float())
     with pytest.raises(ValueError, match="param is not managed by this optimizer"):
         opt.set_mask(torch.zeros(3), torch.ones(3, dtype=torch.bool))
+    assert param not in opt.state  # a refused mask makes no state either
