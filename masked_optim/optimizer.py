@@ -15,11 +15,10 @@ from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups, sharded_like
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.layouts import check_dense, is_dense
-from masked_optim.options import DEFAULTS, _number, validate_group, validate_param
+from masked_optim.options import DEFAULTS, _number, importance_dtype_name, validate_group, validate_param
 from masked_optim.reference import math_dtype
 
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 _STATE_KINDS = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
 #: every per-param state entry; entries that only come together (a checkpoint holding part of
 #: one of these sets is refused: the step would have to invent the rest)
@@ -246,7 +245,7 @@ class MaskedAdamW(Optimizer):
             importance=importance, importance_beta=importance_beta,
             protect_strength=protect_strength, anchor_decay=anchor_decay, scope=scope,
             maximize=maximize, nonfinite=nonfinite, backend=backend,
-            importance_dtype=_DTYPE_NAMES.get(importance_dtype, importance_dtype), gate_block=gate_block,
+            importance_dtype=importance_dtype_name(importance_dtype), gate_block=gate_block,
         )
         validate_group(defaults)
         self._last_stats: list[Optional[GroupStats]] = []
@@ -273,7 +272,7 @@ class MaskedAdamW(Optimizer):
         """Add a param group after checking all of it, so a bad group adds nothing."""
         merged = {**self.defaults, **param_group}
         if "importance_dtype" in param_group:
-            merged["importance_dtype"] = _DTYPE_NAMES.get(merged["importance_dtype"], merged["importance_dtype"])
+            merged["importance_dtype"] = importance_dtype_name(merged["importance_dtype"])
             param_group = {**param_group, "importance_dtype": merged["importance_dtype"]}
         validate_group(merged)
         params = param_group["params"]
@@ -293,7 +292,7 @@ class MaskedAdamW(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _importance_dtype(self, group: dict[str, Any]) -> torch.dtype:
-        return _IMPORTANCE_DTYPES[group["importance_dtype"]]
+        return _IMPORTANCE_DTYPES[importance_dtype_name(group["importance_dtype"])]
 
     def _state_dtype(self, key: str, param: Tensor, group: dict[str, Any]) -> Optional[torch.dtype]:
         """The dtype a state tensor must have (None: whatever it has, e.g. counters)."""

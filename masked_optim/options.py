@@ -8,6 +8,7 @@ import math
 import numbers
 from typing import Any
 
+import torch
 from torch import Tensor
 
 MASKS = ("select", "protect")
@@ -58,6 +59,13 @@ def _finite(value: float) -> bool:
     return -math.inf < value < math.inf
 
 
+def importance_dtype_name(value: Any) -> Any:
+    """``"float32"``/``"bfloat16"`` for the name or the torch dtype (anything else unchanged)."""
+    if isinstance(value, torch.dtype):
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(value, value)
+    return value
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, allowed))})")
@@ -85,6 +93,9 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
         value = _number(name, group[name], read_tensors)
         if not _finite(value) or value < low:
             raise ValueError(f"Invalid {name}: {value} (must be finite and >= {low})")
+    for name in ("density", "importance_beta"):  # read on the host every step: never a Tensor
+        if isinstance(group[name], Tensor):
+            raise ValueError(f"Invalid {name}: {group[name]!r} (must be a number: {name} has no Tensor form)")
     density = _number("density", group["density"])
     if not 0.0 < density <= 1.0:
         raise ValueError(f"Invalid density: {density} (must be in (0, 1])")
@@ -96,7 +107,7 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
     _choice("nonfinite", group["nonfinite"], NONFINITE)
     _choice("scope", group["scope"], SCOPES)
     _choice("backend", group["backend"], BACKENDS)
-    _choice("importance_dtype", group["importance_dtype"], IMPORTANCE_DTYPES)
+    _choice("importance_dtype", importance_dtype_name(group["importance_dtype"]), IMPORTANCE_DTYPES)
     gate_block = group["gate_block"]
     if isinstance(gate_block, bool) or not isinstance(gate_block, numbers.Integral) or not 1 <= gate_block <= MAX_GATE_BLOCK \
             or gate_block & (gate_block - 1):

@@ -293,8 +293,9 @@ def test_mask_stats_after_a_load_wait_for_the_next_step():
     assert opt.mask_stats()[0]["target_density"] == CONFIG["density"]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.bfloat16])
 @pytest.mark.parametrize("consolidate_first", [False, True])
-def test_importance_dtype_changed_mid_run_takes_effect_at_the_next_step(consolidate_first):
+def test_importance_dtype_changed_mid_run_takes_effect_at_the_next_step(consolidate_first, dtype):
     """The stored importance and anchor take a changed ``importance_dtype`` at the next step
     (or ``consolidate()``, which reads them), as a save and load would: the run continues as
     one resumed from a checkpoint there."""
@@ -303,7 +304,7 @@ def test_importance_dtype_changed_mid_run_takes_effect_at_the_next_step(consolid
         params, opt = _setup(torch.float32, scope="group")
         gen = torch.Generator().manual_seed(13)
         _run(params, opt, gen, 4, consolidate_at=1)
-        opt.param_groups[0]["importance_dtype"] = "bfloat16"
+        opt.param_groups[0]["importance_dtype"] = dtype  # a name or a torch dtype, as the constructor takes
         if reload:
             opt.load_state_dict(_roundtrip(opt.state_dict()))
         if consolidate_first:
