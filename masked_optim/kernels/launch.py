@@ -211,16 +211,18 @@ def compile_ahead(plan: Plan, hyper: GroupHyper, grad_scale: Optional[Tensor], f
     """Compile every kernel variant the step will launch, launching nothing (Triton's
     ``warmup``; a no-op under the interpreter), so that a compile error is raised while the
     optimizer prepares its groups, before it steps the first. Each group's tables remember the
-    variants compiled; the per-step tensors are passed as their dtypes, as Triton's warmup
-    allows (their addresses, like every fresh allocation's, are 16-byte aligned)."""
+    variants compiled. The per-step tensors are stood in for by one-element tensors of their
+    dtypes (Triton specialises a pointer on its dtype and 16-byte alignment, which every fresh
+    allocation has, like theirs)."""
     key = variant(plan, hyper, grad_scale, found_inf)
     if key in plan.group.compiled:
         return
+    int64 = torch.empty(1, dtype=torch.int64, device=plan.device)
+    float64 = torch.empty(1, dtype=torch.float64, device=plan.device)
     slots = _Slots(
-        hyper=torch.float64, grad_scale=grad_scale.dtype if grad_scale is not None else torch.float64,
-        found_inf=found_inf.dtype if found_inf is not None else torch.float64, histogram=torch.int64,
-        prepass_thresholds=torch.int64, counts=torch.int64, next_thresholds=torch.int64,
-        stats_counts=torch.int64, stats_thresholds=torch.int64, scratch=torch.int64,
+        hyper=float64, grad_scale=grad_scale if grad_scale is not None else float64,
+        found_inf=found_inf if found_inf is not None else float64, histogram=int64, prepass_thresholds=int64,
+        counts=int64, next_thresholds=int64, stats_counts=int64, stats_thresholds=int64, scratch=int64,
     )
     with _on(plan.device):
         for phase in ("prepass", "step", "finish"):
@@ -231,7 +233,7 @@ def compile_ahead(plan: Plan, hyper: GroupHyper, grad_scale: Optional[Tensor], f
 
 @dataclass
 class _Slots:
-    """A step's arguments besides the group's tables: tensors, or (to compile ahead) dtypes."""
+    """A step's arguments besides the group's tables (to compile ahead: stand-ins)."""
 
     hyper: object
     grad_scale: object
