@@ -510,7 +510,7 @@ class MaskedAdamW(Optimizer):
             functional.observe(tensors, GroupHyper.from_group(group), backend="torch", grad_scale=device_scale)
 
     @torch.no_grad()
-    def consolidate(self, how: str = "max") -> None:
+    def consolidate(self, how: str = "max", *, reset_moments: bool = False) -> None:
         """Task boundary: fold the running importance into the anchor and reset it.
 
         Per unit, the importance (bias-corrected per tensor, as the step's scores are) is
@@ -518,9 +518,15 @@ class MaskedAdamW(Optimizer):
         (``"max"``: elementwise maximum, ``"sum"``: addition), which is renormalised to mean 1.
         The importance restarts from 0, the parameters are copied into ``anchor_param`` in groups
         with ``anchor_decay > 0``, and every threshold is derived afresh by the next step.
+
+        ``reset_moments=True`` also restarts AdamW's moments and step counts, so the next task
+        starts as with a fresh optimizer (bias corrections from step 1), anchors kept; by
+        default they carry over, as in one long run.
         """
         if how not in consolidation.HOWS:
             raise ValueError(f"Invalid how: {how!r} (expected 'max' or 'sum')")
+        if not isinstance(reset_moments, bool):
+            raise ValueError(f"Invalid reset_moments: {reset_moments!r} (must be a bool)")
         for index, group in enumerate(self.param_groups):  # every group checked before any changes
             try:
                 validate_group(group)
@@ -561,6 +567,10 @@ class MaskedAdamW(Optimizer):
                         state["anchor_param"] = param.detach().clone()
                     else:
                         state.pop("anchor_param", None)
+                    if reset_moments:
+                        state["exp_avg"].zero_()
+                        state["exp_avg_sq"].zero_()
+                        state["step"].zero_()
 
     @torch.no_grad()
     def set_mask(self, param: Tensor, mask: Optional[Tensor]) -> None:

@@ -186,3 +186,32 @@ def test_anchor_decay_set_after_the_boundary_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_consolidate_can_restart_the_moments(backend):
+    """``reset_moments=True``: the next task starts as a fresh AdamW would (moments and step
+    counts from zero, so bias corrections restart), the anchor kept."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    params = _params()
+    opt = MaskedAdamW(params, lr=1e-2, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        set_random_grads(params, gen)
+        opt.step()
+    with pytest.raises(ValueError, match="Invalid reset_moments: 1"):
+        opt.consolidate(reset_moments=1)
+    opt.consolidate(reset_moments=True)
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    fresh = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
+    for _ in range(3):
+        set_random_grads(params, gen)
+        for p, q in zip(params, twin):
+            q.grad = p.grad.clone()
+        opt.step()
+        fresh.step()
+    for p, q in zip(params, twin):
+        assert "anchor" in opt.state[p] and float(opt.state[p]["step"]) == 3
+        assert_close(p.detach(), q.detach(), "param")
+        assert_close(opt.state[p]["exp_avg"], fresh.state[q]["exp_avg"], "exp_avg")
