@@ -33,7 +33,7 @@ def unscaled_grad(t: TensorState, hyper: GroupHyper, grad_scale: Optional[Tensor
     """SPEC inputs: the gradient in math dtype, divided by the scaler's scale, negated if maximize."""
     g = t.grad.to(math_dtype(t.param.dtype))
     if grad_scale is not None:
-        inv_scale = grad_scale.double().reciprocal().float()
+        inv_scale = grad_scale.double().reciprocal().float().reshape(())  # GradScaler's is [1]: keep g's shape
         g = g * inv_scale.to(g.dtype)
     return -g if hyper.maximize else g
 

@@ -2,6 +2,7 @@
 everything unchanged; by default (as torch's AdamW) the scaler unscales and skips itself."""
 import copy
 
+import pytest
 import torch
 
 from masked_optim import MaskedAdamW
@@ -110,3 +111,27 @@ def test_fused_flag_is_kept_by_deepcopy_and_pickle():
         assert opt._step_supports_amp_scaling is bool(fused)
         assert copy.deepcopy(opt)._step_supports_amp_scaling is bool(fused)
         assert pickle.loads(pickle.dumps(opt))._step_supports_amp_scaling is bool(fused)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_scalar_param_under_a_fused_grad_scaler(backend):
+    """A 0-d param (e.g. a logit scale) with the GradScaler's [1]-shaped scale unscaled in the
+    step: the same step as without the scaler (the reference broadcast the grad to [1] and
+    raised after the first tensors had stepped)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    runs = []
+    for scaled in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, generator=gen)), torch.nn.Parameter(torch.tensor(0.5))]
+        opt = MaskedAdamW(params, lr=1e-2, density=0.5, backend=backend, fused=True)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * (8.0 if scaled else 1.0)
+            if scaled:
+                opt.grad_scale, opt.found_inf = torch.full((1,), 8.0), torch.zeros(1)
+            opt.step()
+            opt.__dict__.pop("grad_scale", None)
+            opt.__dict__.pop("found_inf", None)
+        runs.append(snapshot(opt))
+    assert_bitwise_equal(runs[0], runs[1], ignore=("threshold_for",))
