@@ -281,8 +281,13 @@ class MaskedAdamW(Optimizer):
                             "tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
-        for param in params:  # (name, tensor) pairs, as from named_parameters(), are torch's to unpack
+        seen: dict[int, int] = {}
+        for position, param in enumerate(params):  # (name, tensor) pairs, as from named_parameters(), are torch's to unpack
             param = param[1] if isinstance(param, tuple) and len(param) == 2 and isinstance(param[0], str) else param
+            if id(param) in seen:
+                raise ValueError(f"param group lists one param twice (positions {seen[id(param)]} and {position}): torch "
+                                 "warns and steps it twice, and will refuse it; MaskedAdamW refuses it now")
+            seen[id(param)] = position
             validate_param(param)
             if merged["backend"] != "torch":
                 backends.resolve(merged["backend"], param.device)
