@@ -65,6 +65,11 @@ def _restored(value: Tensor, like: Optional[Tensor], device: torch.device, dtype
     return restored
 
 
+def _unit_changed(states: list[dict[str, Any]], key: float) -> bool:
+    """Whether a stored threshold of ``states`` (one group-scope unit) is reset by this step."""
+    return any(state["threshold_for"] != key and state["threshold_for"] != -key for state in states)
+
+
 def _forget_stale_thresholds(states: list[dict[str, Any]], key: float, whole_unit: bool) -> None:
     """Reset to unknown the stored thresholds derived for other options than ``key``'s, or
     marked ``_STALE`` (done as the step runs, after every group was checked: a step that raises
@@ -72,7 +77,7 @@ def _forget_stale_thresholds(states: list[dict[str, Any]], key: float, whole_uni
     all are, so the unit derives its threshold afresh from this step's scores, whichever member
     is listed first (a unit gates with its first member's stored threshold where it is known)."""
     stale = [state for state in states if state["threshold_for"] != key and state["threshold_for"] != -key]
-    for state in (states if stale and whole_unit else stale):
+    for state in (states if stale and whole_unit else stale):  # (the step was told: _unit_changed)
         state["threshold"].fill_(thr.UNKNOWN)
         state["threshold_for"] = -key
 
@@ -458,6 +463,9 @@ class MaskedAdamW(Optimizer):
             if backend == "compile" and group["backend"] == "auto" and not all(is_dense(t.param) for t in tensors):
                 backend = "torch"  # the compile backend steps dense params only
             hyper = GroupHyper.from_group(group)
+            if hyper.scope == "group" and _unit_changed(states, _threshold_key(group)):
+                for t in tensors:  # the step resets the unit's thresholds (_forget_stale_thresholds)
+                    t.threshold_known = False
             if hyper.anchor_decay > 0 and not torch.compiler.is_compiling() \
                     and any(t.anchor is not None and t.anchor_param is None for t in tensors):
                 _warn_without_anchor_param(index)  # (eager steps only: Dynamo refuses warnings.warn)
@@ -484,7 +492,8 @@ class MaskedAdamW(Optimizer):
                     state["threshold_for"] = key
             elif result is not None and backend == "triton":  # found_inf stays on the device
                 result = functional.last_taken(previous, result, found_inf)
-            if hyper.scope == "group" and len(positions) < len(group["params"]):
+            skipped = found_inf is not None and result is None  # the host read found_inf: skipped
+            if hyper.scope == "group" and len(positions) < len(group["params"]) and not skipped:
                 _mark_missed(group["params"], positions, self.state)
             stats.append(result if result is not None else previous)
         self._last_stats[:] = stats  # in place: a compiled step replays list mutations
@@ -537,6 +546,14 @@ class MaskedAdamW(Optimizer):
                 validate_group(group)
             except ValueError as error:
                 raise ValueError(f"consolidate(): param group {index}: {error}") from None
+        if reset_moments:  # every param with moments (also one that never had importance)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state.get(p, {})
+                    if "exp_avg" in state:
+                        state["exp_avg"].zero_()
+                        state["exp_avg_sq"].zero_()
+                        state["step"].zero_()
         if not any("importance" in self.state.get(p, {}) for group in self.param_groups for p in group["params"]):
             warnings.warn(
                 "consolidate() before any step() or observe(): no importance has been measured, so no anchor "
@@ -572,10 +589,6 @@ class MaskedAdamW(Optimizer):
                         state["anchor_param"] = param.detach().clone()
                     else:
                         state.pop("anchor_param", None)
-                    if reset_moments:
-                        state["exp_avg"].zero_()
-                        state["exp_avg_sq"].zero_()
-                        state["step"].zero_()
 
     @torch.no_grad()
     def set_mask(self, param: Tensor, mask: Optional[Tensor]) -> None:

@@ -135,3 +135,28 @@ def test_scalar_param_under_a_fused_grad_scaler(backend):
             opt.__dict__.pop("found_inf", None)
         runs.append(snapshot(opt))
     assert_bitwise_equal(runs[0], runs[1], ignore=("threshold_for",))
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_skipped_step_without_a_grad_changes_nothing_in_group_scope(backend):
+    """fused=True, scope="group": a param without a grad at a step the scaler skips is not
+    marked as having missed its unit's step (the host backends read found_inf), so the run is
+    the run without that step. (The Triton kernel reads found_inf on the device: there the
+    unit re-derives its threshold when the param returns, README's limitations.)"""
+    runs = []
+    for with_skipped in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(500, generator=gen)) for _ in range(2)]
+        opt = MaskedAdamW(params, lr=1e-2, density=0.3, scope="group", importance_beta=0.5, backend=backend, fused=True)
+        for step in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if step == 2:  # the skipped step: the second param has no grad
+                if not with_skipped:
+                    continue
+                params[1].grad = None
+            opt.grad_scale, opt.found_inf = torch.ones(1), torch.full((1,), float(step == 2))
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        runs.append(snapshot(opt))
+    assert_bitwise_equal(runs[0], runs[1], ignore=("threshold_for",))

@@ -215,3 +215,26 @@ def test_consolidate_can_restart_the_moments(backend):
         assert "anchor" in opt.state[p] and float(opt.state[p]["step"]) == 3
         assert_close(p.detach(), q.detach(), "param")
         assert_close(opt.state[p]["exp_avg"], fresh.state[q]["exp_avg"], "exp_avg")
+
+
+def test_reset_moments_reaches_params_without_importance():
+    """Moments loaded from a torch AdamW checkpoint, with no importance measured for some
+    params (or none at all): ``reset_moments`` restarts every param's moments and step."""
+    params = _params()
+    adamw = torch.optim.AdamW(params, lr=1e-2)
+    set_random_grads(params, torch.Generator().manual_seed(0))
+    adamw.step()
+    for observed in ([], params[:1]):
+        opt = MaskedAdamW(params, lr=1e-2)
+        opt.load_state_dict(adamw.state_dict())
+        for p in params:
+            p.grad = torch.ones_like(p) if any(p is q for q in observed) else None
+        if observed:
+            opt.observe()
+            opt.consolidate(reset_moments=True)
+        else:
+            with pytest.warns(UserWarning, match="no importance has been measured"):
+                opt.consolidate(reset_moments=True)
+        for p in params:
+            state = opt.state[p]
+            assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()

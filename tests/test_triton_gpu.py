@@ -156,22 +156,24 @@ def test_steps_on_another_stream_match_steps_on_one():
 
 @pytest.mark.parametrize("name", ["select-gate-block-taylor-anchor-usermask", "select-magnitude-nonfinite-scaler"])
 def test_steps_launch_only_kernels_compiled_ahead(name, monkeypatch):
-    """``launch.compile_ahead`` compiles (Triton's warmup, dtypes for the per-step tensors) the
-    very variants the launches then use: no launch compiles anything, so a compile error comes
-    while the optimizer prepares its groups, before any group steps."""
+    """``launch.compile_ahead`` compiles and loads (Triton's warmup, stand-ins for the per-step
+    tensors) the very variants the launches then use: no launch compiles or loads anything, so
+    a compile or load error comes while the optimizer prepares its groups, before any group
+    steps."""
     from masked_optim.kernels import launch
 
     kernels = (launch._masked_adamw_kernel, launch._score_histogram_kernel, launch._finish_step_kernel)
 
-    def compiled() -> int:
-        return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
+    def compiled() -> list:
+        return [k for kernel in kernels for cache in kernel.device_caches.values() for k in cache[0].values()]
 
     counts, original = [], launch._launch
 
     def counting(*args, **kwargs):
         before = compiled()
+        assert all(k.module is not None for k in before)  # loaded too (load errors come ahead)
         result = original(*args, **kwargs)
-        counts.append((before, compiled()))
+        counts.append((len(before), len(compiled())))
         return result
 
     monkeypatch.setattr(launch, "_launch", counting)

@@ -208,8 +208,8 @@ def variant(plan: Plan, hyper: GroupHyper, grad_scale: Optional[Tensor], found_i
 
 
 def compile_ahead(plan: Plan, hyper: GroupHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    """Compile every kernel variant the step will launch, launching nothing (Triton's
-    ``warmup``; a no-op under the interpreter), so that a compile error is raised while the
+    """Compile and load every kernel variant the step will launch, launching nothing (Triton's
+    ``warmup``; a no-op under the interpreter), so that a compile or load error is raised while the
     optimizer prepares its groups, before it steps the first. Each group's tables remember the
     variants compiled. The per-step tensors are stood in for by one-element tensors of their
     dtypes (Triton specialises a pointer on its dtype and 16-byte alignment, which every fresh
@@ -227,7 +227,14 @@ def compile_ahead(plan: Plan, hyper: GroupHyper, grad_scale: Optional[Tensor], f
     with _on(plan.device):
         for phase in ("prepass", "step", "finish"):
             for kernel, _, args, constants in _calls(phase, plan, hyper, grad_scale, found_inf, slots):
-                kernel.warmup(*args, grid=(1,), **constants)
+                compiled = kernel.warmup(*args, grid=(1,), **constants)
+                if hasattr(compiled, "result"):  # Triton's asynchronous compile mode
+                    compiled = compiled.result()
+                # loading the binary is lazy (at the first launch) and raises its own errors
+                # (OutOfResources: shared memory, threads): load it now too
+                load = getattr(compiled, "_init_handles", None)
+                if load is not None:
+                    load()
     plan.group.compiled.add(key)
 
 
