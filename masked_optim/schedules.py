@@ -142,6 +142,16 @@ class DensityScheduler:
         self.last_epoch += 1
         self._apply(values)
 
+    def step_to(self, step: int) -> None:
+        """Set the density of every scheduled param group to the schedule's at ``step`` (as if
+        :meth:`step` had been called until ``last_epoch == step``): for callbacks that follow
+        a trainer's optimizer-step count (``masked_optim.integrations``)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"Invalid step: {step!r} (must be an int >= 0)")
+        values = self.density_at(step)  # raises before anything changes
+        self.last_epoch = step
+        self._apply(values)
+
     def _apply(self, values: list[Optional[float]]) -> None:
         for group, value in zip(self.optimizer.param_groups, values):
             if value is not None:

@@ -147,3 +147,26 @@ def test_resume_with_last_epoch_like_lr_schedulers():
     DensityScheduler(opt, end=0.2, steps=4)  # records initial_density = 1.0
     resumed = DensityScheduler(opt, end=0.2, steps=4, last_epoch=1)
     assert resumed.last_epoch == 2 and opt.param_groups[0]["density"] == pytest.approx(0.6, rel=1e-12)
+
+
+def test_step_to_equals_stepping_there():
+    """``step_to(k)`` (what the trainer callbacks call) sets what k calls of ``step()`` set."""
+    stepped, jumped = (MaskedAdamW([torch.zeros(3)], density=0.8) for _ in range(2))
+    a = DensityScheduler(stepped, end=0.1, steps=5, mode="cosine")
+    b = DensityScheduler(jumped, end=0.1, steps=5, mode="cosine")
+    for _ in range(3):
+        a.step()
+    b.step_to(3)
+    assert b.last_epoch == a.last_epoch == 3 and jumped.param_groups[0]["density"] == stepped.param_groups[0]["density"]
+    with pytest.raises(ValueError, match="Invalid step: -1"):
+        b.step_to(-1)
+    assert jumped.param_groups[0]["density"] == stepped.param_groups[0]["density"]
+
+
+def test_trainer_callbacks_check_their_schedule_when_made():
+    from masked_optim.integrations import check_schedule
+
+    with pytest.raises(ValueError, match="Invalid mode: 'square'"):
+        check_schedule(None, dict(end=0.1, steps=5, mode="square"))
+    with pytest.raises(ValueError, match="Invalid last_epoch"):
+        check_schedule(None, dict(end=0.1, steps=5, last_epoch=3))
