@@ -24,6 +24,10 @@ _STATE_KINDS = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
 #: one of these sets is refused: the step would have to invent the rest)
 _STATE_KEYS = frozenset(_STATE_KINDS) | {"step", "importance_step", "threshold", "threshold_for", "user_mask"}
 _STATE_SETS = (("step", "exp_avg", "exp_avg_sq"), ("importance", "importance_step"), ("threshold", "threshold_for"))
+#: param-group options of torch's other optimizers (SGD, RMSprop, Adagrad, Adadelta, NAdam): a
+#: checkpoint with one is another optimizer's even when it holds no state (SGD without momentum)
+_FOREIGN_OPTIONS = ("momentum", "dampening", "nesterov", "alpha", "centered", "lr_decay", "initial_accumulator_value",
+                    "rho", "momentum_decay")
 #: param types stepped as they are (no DTensor shard to take, no complex view)
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -557,8 +561,8 @@ class MaskedAdamW(Optimizer):
         if not any("importance" in self.state.get(p, {}) for group in self.param_groups for p in group["params"]):
             warnings.warn(
                 "consolidate() before any step() or observe(): no importance has been measured, so no anchor "
-                "is made and nothing will be protected or pulled back. Run observe() on gradients of the old "
-                "data (or train on it) first", UserWarning, stacklevel=2,
+                "is made and nothing will be protected or pulled back" + (" (the moments were reset)" if reset_moments else "")
+                + ". Run observe() on gradients of the old data (or train on it) first", UserWarning, stacklevel=2,
             )
             return
         for group in self.param_groups:
@@ -675,8 +679,10 @@ class MaskedAdamW(Optimizer):
         state) and the options a checkpoint lacks. A ``torch.optim.AdamW`` state_dict loads
         too: moments carry over, importance starts at zero. Refused before anything changes:
         a checkpoint whose options are invalid here, one with AMSGrad state or Adam's coupled
-        (L2) weight decay, which MaskedAdamW would ignore or change, state tensors whose shape
-        is not their param's, and moments without a ``step``.
+        (L2) weight decay, which MaskedAdamW would ignore or change, another optimizer's state
+        or options, state tensors whose shape is not their param's, part of a state set
+        (moments without a ``step``, ...), step counts that are negative or not finite, and
+        entries that are not Tensors.
         """
         loaded: dict[str, Any] = {}
 
@@ -705,6 +711,10 @@ class MaskedAdamW(Optimizer):
             if saved.get("decoupled_weight_decay") is False and _number("weight_decay", saved.get("weight_decay", 0.0)) != 0.0:
                 raise ValueError(f"Invalid checkpoint: param group {index} has decoupled_weight_decay=False and "
                                  f"weight_decay={saved['weight_decay']} (Adam's L2 decay; MaskedAdamW's decay is AdamW's)")
+            foreign = [key for key in _FOREIGN_OPTIONS if key in saved]
+            if foreign:
+                raise ValueError(f"Invalid checkpoint: param group {index} has {', '.join(map(repr, foreign))}, which "
+                                 "MaskedAdamW does not have (the checkpoint of another optimizer?)")
             options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
             try:
                 validate_group({**current, **options, "backend": current["backend"]})
@@ -725,6 +735,21 @@ class MaskedAdamW(Optimizer):
                         missing = [key for key in keys if key not in state]
                         raise ValueError(f"Invalid checkpoint: state[{pid!r}] has {', '.join(repr(k) for k in keys if k in state)} "
                                          f"but no {', '.join(map(repr, missing))}")
+                if "anchor_param" in state and "anchor" not in state:
+                    raise ValueError(f"Invalid checkpoint: state[{pid!r}] has 'anchor_param' but no 'anchor'")
+                for key, value in state.items():
+                    if key not in ("step", "importance_step", "threshold_for") and not isinstance(value, Tensor):
+                        raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] must be a Tensor, got "
+                                         f"{type(value).__name__}")
+                if "threshold" in state and state["threshold"].numel() != 1:
+                    raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold'] has shape "
+                                     f"{tuple(state['threshold'].shape)}, a unit's threshold has one element")
+                for key in ("step", "importance_step"):  # (counters are small: read on the host)
+                    if key in state:
+                        count = _number(key, state[key])
+                        if not (math.isfinite(count) and count >= 0):
+                            raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] is {count} (a step count is "
+                                             "finite and >= 0)")
                 mask = state.get("user_mask")
                 if mask is not None and not (isinstance(mask, Tensor) and mask.dtype == torch.bool):
                     raise ValueError(f"Invalid checkpoint: state[{pid!r}]['user_mask'] must be a bool Tensor, got "

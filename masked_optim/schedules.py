@@ -76,7 +76,7 @@ class DensityScheduler:
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
         for index, group in enumerate(optimizer.param_groups):
             if "density" not in group:
-                name = type(optimizer).__name__
+                name = type(getattr(optimizer, "optimizer", optimizer)).__name__  # (accelerate's wrapper)
                 raise ValueError(f"Invalid optimizer: param_groups[{index}] has no 'density' ({name} is not a MaskedAdamW)")
         if (schedule is None) == (end is None):
             raise ValueError(f"Invalid schedule: {schedule!r} with end={end!r} (give either a schedule or end and steps)")

@@ -222,14 +222,15 @@ def test_foreign_checkpoint_whose_options_masked_adamw_would_ignore_is_refused(f
     assert_bitwise_equal(snapshot(ours), before)
 
 
-def test_sgd_checkpoint_is_refused():
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_checkpoint_is_refused(momentum):
     """An SGD (momentum) checkpoint would load its lr and step with no moments; torch's AdamW
     fails at its first step, MaskedAdamW refuses it at the load, changing nothing."""
     params, ours = _trained()
-    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=momentum)  # momentum 0: no state, only its options
     _run(params, sgd, torch.Generator().manual_seed(12), 2)
     before = snapshot(ours)
-    with pytest.raises(ValueError, match="'momentum_buffer', which MaskedAdamW does not keep"):
+    with pytest.raises(ValueError, match="param group 0 has 'momentum', 'dampening', 'nesterov', which MaskedAdamW does not have"):
         ours.load_state_dict(sgd.state_dict())
     assert_bitwise_equal(snapshot(ours), before)
 
@@ -254,6 +255,11 @@ def test_adam_without_weight_decay_loads():
     (lambda entry: entry.pop("importance"), r"has 'importance_step' but no 'importance'"),
     (lambda entry: entry.pop("threshold_for"), r"has 'threshold' but no 'threshold_for'"),
     (lambda entry: entry.update(momentum_buffer=torch.zeros(30, 20)), r"has 'momentum_buffer', which MaskedAdamW does not keep"),
+    (lambda entry: entry.update(threshold=torch.zeros(4, dtype=torch.int64)), r"\['threshold'\] has shape \(4,\), a unit's threshold"),
+    (lambda entry: entry.update(step=torch.tensor(-1.0)), r"\['step'\] is -1.0 \(a step count is finite and >= 0\)"),
+    (lambda entry: entry.update(importance_step=torch.tensor(float("nan"))), r"\['importance_step'\] is nan"),
+    (lambda entry: entry.update(exp_avg=[0.0]), r"\['exp_avg'\] must be a Tensor, got list"),
+    (lambda entry: entry.update(anchor_param=torch.zeros(30, 20)), r"has 'anchor_param' but no 'anchor'"),
 ])
 def test_malformed_state_is_refused_before_any_change(edit, message):
     params, opt = _trained()

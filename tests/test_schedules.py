@@ -170,3 +170,17 @@ def test_trainer_callbacks_check_their_schedule_when_made():
         check_schedule(None, dict(end=0.1, steps=5, mode="square"))
     with pytest.raises(ValueError, match="Invalid last_epoch"):
         check_schedule(None, dict(end=0.1, steps=5, last_epoch=3))
+
+
+def test_trainer_callbacks_take_one_schedule_per_group_and_name_a_resume_they_cannot_continue():
+    from masked_optim.integrations import check_schedule, make_scheduler
+
+    check_schedule([None, lambda step: 0.5], {})  # one function (or None) per param group
+    with pytest.raises(ValueError, match="Invalid schedule: 2 functions for 3 param groups"):
+        opt = MaskedAdamW([{"params": [torch.zeros(1)]} for _ in range(3)])
+        make_scheduler(opt, [None, lambda step: 0.5], {}, 0)
+    opt = MaskedAdamW([torch.zeros(3)], density=0.8)  # a checkpoint made without a schedule
+    with pytest.raises(ValueError, match="resuming at step 5 from a checkpoint saved without a density schedule"):
+        make_scheduler(opt, None, dict(end=0.1, steps=10), 5)
+    scheduler = make_scheduler(opt, None, dict(start=0.8, end=0.1, steps=10), 5)
+    assert scheduler.last_epoch == 5 and opt.param_groups[0]["density"] == pytest.approx(0.45)

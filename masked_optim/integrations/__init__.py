@@ -16,4 +16,22 @@ def check_schedule(schedule: Any, options: dict) -> None:
 
     from masked_optim import DensityScheduler, MaskedAdamW
 
-    DensityScheduler(MaskedAdamW([torch.zeros(1)]), schedule, **options)
+    groups = len(schedule) if isinstance(schedule, (list, tuple)) else 1  # one function per group
+    DensityScheduler(MaskedAdamW([{"params": [torch.zeros(1)]} for _ in range(max(groups, 1))]), schedule, **options)
+
+
+def make_scheduler(optimizer: Any, schedule: Any, options: dict, step: int):
+    """The callbacks' scheduler, at the trainer's optimizer-step count ``step`` (a resumed run:
+    the checkpoint's param groups carry each one's ``initial_density``)."""
+    from masked_optim import DensityScheduler
+
+    if step > 0 and options.get("start") is None and schedule is None \
+            and any("initial_density" not in group for group in optimizer.param_groups):
+        raise ValueError(
+            f"DensityCallback: resuming at step {step} from a checkpoint saved without a density schedule "
+            "(its param groups have no 'initial_density' to start from): pass start="
+        )
+    if step > 0:  # a given start or schedule does not read it, but DensityScheduler records it
+        for group in optimizer.param_groups:
+            group.setdefault("initial_density", group["density"])
+    return DensityScheduler(optimizer, schedule, **options, last_epoch=step - 1)

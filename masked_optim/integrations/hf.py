@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback
 
-from masked_optim.integrations import check_schedule
+from masked_optim.integrations import check_schedule, make_scheduler
 from masked_optim.schedules import DensityScheduler
 
 
@@ -39,7 +39,7 @@ class DensityCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
             raise RuntimeError("DensityCallback: the Trainer passed no optimizer to on_train_begin")
-        self.scheduler = DensityScheduler(optimizer, self.schedule, **self.options, last_epoch=state.global_step - 1)
+        self.scheduler = make_scheduler(optimizer, self.schedule, self.options, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.scheduler.step_to(state.global_step)

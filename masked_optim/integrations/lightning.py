@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from lightning.pytorch import Callback
 
-from masked_optim.integrations import check_schedule
+from masked_optim.integrations import check_schedule, make_scheduler
 from masked_optim.schedules import DensityScheduler
 
 
@@ -35,8 +35,11 @@ class DensityCallback(Callback):
         check_schedule(schedule, options)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if not 0 <= self.optimizer_index < len(trainer.optimizers):
+            raise ValueError(f"Invalid optimizer_index: {self.optimizer_index} (the trainer has "
+                             f"{len(trainer.optimizers)} optimizer(s))")
         optimizer = trainer.optimizers[self.optimizer_index]
-        self.scheduler = DensityScheduler(optimizer, self.schedule, **self.options, last_epoch=trainer.global_step - 1)
+        self.scheduler = make_scheduler(optimizer, self.schedule, self.options, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.scheduler.last_epoch != trainer.global_step:
