@@ -214,3 +214,14 @@ def test_lightning_density_callback_schedules_and_resumes(tmp_path):
     # not bit-exact here with torch's AdamW either)
     expected = [(step, pytest.approx(0.5 - 0.1 * step)) for step in range(4)]
     assert whole.seen == expected and resumed.seen == expected[2:]
+
+
+def test_lightning_density_callback_names_a_bad_optimizer_index():
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    from masked_optim.integrations.lightning import DensityCallback
+
+    trainer = SimpleNamespace(optimizers=[MaskedAdamW([torch.zeros(1)])], global_step=0)
+    with pytest.raises(ValueError, match=r"Invalid optimizer_index: 1 \(the trainer has 1 optimizer\(s\)\)"):
+        DensityCallback(end=0.1, steps=5, optimizer_index=1).on_train_start(trainer, None)
