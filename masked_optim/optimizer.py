@@ -69,9 +69,14 @@ def _restored(value: Tensor, like: Optional[Tensor], device: torch.device, dtype
     return restored
 
 
+def _stale(state: dict[str, Any], key: float) -> bool:
+    """Whether the step resets ``state``'s stored threshold (``_threshold_key``)."""
+    return state["threshold_for"] != key and state["threshold_for"] != -key
+
+
 def _unit_changed(states: list[dict[str, Any]], key: float) -> bool:
     """Whether a stored threshold of ``states`` (one group-scope unit) is reset by this step."""
-    return any(state["threshold_for"] != key and state["threshold_for"] != -key for state in states)
+    return any(_stale(state, key) for state in states)
 
 
 def _forget_stale_thresholds(states: list[dict[str, Any]], key: float, whole_unit: bool) -> None:
@@ -80,7 +85,7 @@ def _forget_stale_thresholds(states: list[dict[str, Any]], key: float, whole_uni
     changes nothing). ``whole_unit`` (group scope: ``states`` are one unit): if any is reset,
     all are, so the unit derives its threshold afresh from this step's scores, whichever member
     is listed first (a unit gates with its first member's stored threshold where it is known)."""
-    stale = [state for state in states if state["threshold_for"] != key and state["threshold_for"] != -key]
+    stale = [state for state in states if _stale(state, key)]
     for state in (states if stale and whole_unit else stale):  # (the step was told: _unit_changed)
         state["threshold"].fill_(thr.UNKNOWN)
         state["threshold_for"] = -key
