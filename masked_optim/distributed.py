@@ -106,7 +106,7 @@ def global_count(tensors: list[Tensor], groups: tuple, device: torch.device) -> 
 OPTIONAL_STATE_KEYS = ("anchor", "anchor_param", "user_mask")
 
 
-def load_optimizer_checkpoint(model: torch.nn.Module, optimizer, checkpoint_id: str, key: str = "optim") -> None:
+def load_optimizer_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_id: str, key: str = "optim") -> None:
     """Load a MaskedAdamW state saved with ``torch.distributed.checkpoint`` (FSDP2 or not).
 
     DCP fills only the entries the live optimizer already has; a fresh optimizer has no

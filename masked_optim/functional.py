@@ -159,7 +159,8 @@ def masked_adamw(
 
     ``backend`` is a resolved backend name ("torch", "compile" or "triton"). ``grad_scale`` is the
     GradScaler's scale (grads are divided by it); a nonzero ``found_inf`` means the step is
-    skipped and nothing at all changes (returns None in that case for the reference backend).
+    skipped and nothing at all changes: the "torch" and "compile" backends read it on the host and
+    return None then; "triton" keeps it on the device and returns the stats it would have had.
     ``plan`` is this step's ``prepare`` of the same tensors, if made.
     """
     if backend in ("torch", "compile") and found_inf is not None and bool(found_inf.item()):
@@ -252,8 +253,10 @@ def gate_thresholds(
 ) -> tuple[list[Optional[Tensor]], list[Tensor]]:
     """The threshold each tensor's gate uses this step (None: no gate, all move), and per unit.
 
-    Every backend goes through here and ``next_thresholds``. ``histograms[i]`` builds tensor
-    i's histogram of this step's scores (``threshold.histogram``), or is None for a tensor
+    The reference and compile backends go through here and ``next_thresholds``; the Triton
+    launcher does the same on the device (``kernels.launch``), with the same
+    ``threshold.threshold_bin``. ``histograms[i]`` builds tensor i's histogram of this step's
+    scores (``threshold.histogram_of_bins`` of their bins), or is None for a tensor
     without a gate (protect without anchor, density 1). A unit uses its stored threshold; one
     whose threshold may be unknown derives it from this step's scores, as
     ``where(stored >= 0, stored, derived)`` on the device (no host sync), so the histogram is

@@ -15,7 +15,7 @@ from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups, sharded_like
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.layouts import check_dense, is_dense
-from masked_optim.options import DEFAULTS, _number, importance_dtype_name, validate_group, validate_param
+from masked_optim.options import DEFAULTS, IMPORTANCES, _number, importance_dtype_name, validate_group, validate_param
 from masked_optim.reference import math_dtype
 
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -96,13 +96,19 @@ def _threshold_key(group: dict[str, Any]) -> float:
 
     ``state["threshold_for"]`` holds it: ``key`` when the stored threshold is known to be valid,
     ``-key`` when it is either valid for these options or still unknown (``threshold.UNKNOWN``
-    on the device: fresh state, after ``consolidate()``, or after steps under a GradScaler,
-    whose ``found_inf`` the host does not read). Any other value: the options changed, or
+    on the device: fresh state, after ``consolidate()``, or after Triton steps under a fused
+    GradScaler, whose ``found_inf`` the host does not read). Any other value: the options
+    (density, mask, scope, gate_block, importance or its beta) changed, or
     (``_STALE``) the tensor missed a step of its group-scope unit, so the next step resets the
     threshold to unknown.
     """
+    # plain arithmetic: Dynamo makes options that differ between optimizers symbolic floats, and
+    # the key must be the same in every process (a checkpoint's threshold_for after a resume).
+    # beta's term is tiny: two option sets collide only if density and beta change together by
+    # exactly compensating amounts
     return (float(group["density"]) + 2.0 * (group["mask"] == "protect") + 4.0 * (group["scope"] == "group")
-            + 8.0 * (int(group["gate_block"]) - 1))
+            + 8.0 * IMPORTANCES.index(group["importance"]) + 24.0 * (int(group["gate_block"]) - 1)
+            + 1e-7 * float(group["importance_beta"]))
 
 
 #: ``threshold_for`` of a tensor whose group-scope unit stepped without it (no grad): its
@@ -495,7 +501,9 @@ class MaskedAdamW(Optimizer):
             if result is not None:
                 members = functional.gated_units(tensors, functional.gated(tensors, hyper), hyper.scope)
                 result.units = [[positions[i] for i in unit] for unit in members]
-            if found_inf is None:  # under a scaler the step may have been skipped: keep the hint
+            # under a scaler the step may have been skipped: keep the hint, unless the host read
+            # found_inf (torch and compile: None when skipped) and knows that the step was taken
+            if found_inf is None or backend != "triton" and result is not None:
                 key = _threshold_key(group)
                 for state in states:
                     state["threshold_for"] = key
@@ -608,7 +616,7 @@ class MaskedAdamW(Optimizer):
         ``consolidate`` sees them). The density gate works within the mask: ``density`` is the
         fraction of the *allowed* elements updated per step, and masked elements stay out of
         the threshold histogram. ``mask=None`` removes the mask. Under FSDP2 pass the full
-        mask; it is sharded like the parameter.
+        mask (the same on every rank): each rank keeps its own shard, without communicating.
         """
         if not any(param is p for group in self.param_groups for p in group["params"]):
             raise ValueError("set_mask: param is not managed by this optimizer")
@@ -618,10 +626,8 @@ class MaskedAdamW(Optimizer):
                 raise ValueError(f"set_mask: mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
             if tuple(mask.shape) != tuple(param.shape):
                 raise ValueError(f"set_mask: mask shape {tuple(mask.shape)} does not match param shape {tuple(param.shape)}")
-            if is_dtensor(param) and not is_dtensor(mask):
-                from torch.distributed.tensor import distribute_tensor
-
-                mask = distribute_tensor(mask.to(local(param).device), param.device_mesh, param.placements)
+            if is_dtensor(param) and not is_dtensor(mask):  # each rank keeps its piece: no collective
+                mask = sharded_like(mask, param)
             mask = mask.to(param.device).clone()
         state = self._init_state(param, group)
         if mask is None:
@@ -633,7 +639,9 @@ class MaskedAdamW(Optimizer):
     def mask_stats(self, global_counts: bool = False) -> list[dict[str, Any]]:
         """Per param group, what the last step did (synchronises with the device).
 
-        Keys: ``target_density``, ``realised_density`` (gated-on fraction), ``threshold`` (one
+        Keys: ``target_density``, ``realised_density`` (the gated-on fraction of all the
+        elements stepped; elements a ``set_mask`` mask holds count as frozen, so with masks it is
+        about ``target_density`` times the allowed fraction), ``threshold`` (one
         score threshold per unit that had one), ``units`` (per threshold, the indices in the
         group's ``params`` of its unit's tensors), ``elements``, ``updated``, ``frozen`` (gated
         off) and ``nonfinite_skipped``. Groups that have not stepped yet report None. Under FSDP2 the

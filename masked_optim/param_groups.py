@@ -15,6 +15,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from masked_optim.options import _number
+
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
 """What :func:`decay_groups` exempts from weight decay by default: biases (``*bias*`` in the
 parameter's own name), parameters of normalisation layers (torch's norm classes and any class
@@ -58,9 +60,10 @@ def _check_no_decay(no_decay: Iterable[str]) -> frozenset[str]:
 
 
 def _check_weight_decay(weight_decay: Any) -> None:
-    number = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool)
-    if not number or not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be a finite number >= 0)")
+    """The optimizer's own check (``options.validate_group``): what one takes, the other does."""
+    value = _number("weight_decay", weight_decay)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be finite and >= 0)")
 
 
 def _check_options(options: dict[str, Any], reserved: tuple[str, ...]) -> None:

@@ -203,6 +203,24 @@ def scenario_fsdp2_full_state_dict(rank: int, world: int) -> None:
                 assert torch.equal(_full(resumed_opt.state[p][key]), _full(value)), key
 
 
+def scenario_set_mask_keeps_each_ranks_own_shard(rank: int, world: int) -> None:
+    """``set_mask`` shards the full mask on each rank without communicating (a scatter from rank
+    0 would hang when one rank calls it alone): with masks that differ between ranks, each rank
+    keeps the piece of its own."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = model_factory()
+    fully_shard(model)
+    opt = MaskedAdamW(model.parameters(), **OPTIONS)
+    first = next(model.parameters())
+    mask = torch.rand(first.shape, generator=torch.Generator().manual_seed(20 + rank)) < 0.5
+    opt.set_mask(first, mask)
+    mine = opt.state[first]["user_mask"]
+    rows = first.to_local().shape[0]
+    start = sum(-(-first.shape[0] // world) for _ in range(rank))  # Shard(0): ceil-sized pieces
+    assert torch.equal(mine.to_local(), mask[start:start + rows]), "set_mask took another rank's mask"
+
+
 def run(rank: int, world: int, port: int, tmpdir: str) -> None:
     # a C++ abort (one CI run: "terminate called without an active exception" in rank 0, not
     # reproduced in 14 reruns) then prints every thread's Python stack, after the markers below
@@ -221,6 +239,8 @@ def run(rank: int, world: int, port: int, tmpdir: str) -> None:
         _mark(rank, "fsdp2 block gates")
         scenario_fsdp2_full_state_dict(rank, world)
         _mark(rank, "fsdp2 full state dict")
+        scenario_set_mask_keeps_each_ranks_own_shard(rank, world)
+        _mark(rank, "set_mask shards")
     finally:
         dist.destroy_process_group()
     _mark(rank, "process group destroyed")

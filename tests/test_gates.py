@@ -94,6 +94,24 @@ def test_first_step_and_density_change_derive_threshold_from_current_scores():
     assert abs(opt.mask_stats()[0]["realised_density"] - 0.5) <= 0.05
 
 
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+@pytest.mark.parametrize("option,value", [("importance", "magnitude"), ("importance_beta", 0.0)])
+def test_changing_the_importance_signal_or_its_beta_derives_the_threshold_afresh(backend, option, value):
+    """The scores' scale (fisher g^2 -> magnitude |g|) or spread (an average -> one step's) changes
+    with these options: the step after the change derives its threshold from its own scores, as
+    after a density change, instead of gating with one taken from the old scores."""
+    param = torch.randn(3000, requires_grad=True)
+    opt = MaskedAdamW([param], lr=1e-3, density=0.1, importance="fisher", importance_beta=0.99, backend=backend)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        lognormal_grads([param], gen)
+        opt.step()
+    opt.param_groups[0][option] = value
+    lognormal_grads([param], gen)
+    opt.step()
+    assert abs(opt.mask_stats()[0]["realised_density"] - 0.1) <= 0.01
+
+
 def _unit_run(order: list[int], backend: str, mask_second: bool = False) -> tuple[float, list]:
     """Two tensors in one group-scope unit; tensor 0 misses step 2 (no grad) while tensor 1's
     grads grow 100x (or, ``mask_second``, tensor 1 gets a user mask before step 3). Returns

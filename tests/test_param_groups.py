@@ -1,6 +1,7 @@
 """decay_groups and layerwise_lr_groups: exact membership, lr per depth, and use in optimizers."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -74,10 +75,21 @@ def test_decay_groups_kinds_and_patterns():
     (dict(weight_decay=float("nan")), "weight_decay: nan"),
     (dict(weight_decay=0.1, no_decay=("bias", "layernorm")), "no_decay: \\['layernorm'\\]"),
     (dict(weight_decay=0.1, params=[]), "option: params"),
+    (dict(weight_decay=True), "weight_decay must be a number, got True"),
+    (dict(weight_decay="0.1"), "weight_decay must be a number"),
 ])
 def test_decay_groups_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         decay_groups(TinyGPT(), **kwargs)
+
+
+def test_decay_groups_take_the_weight_decays_the_optimizer_takes():
+    """A numpy scalar (a config file's value) or a 1-element Tensor, as MaskedAdamW's own option."""
+    model = TinyGPT()
+    for weight_decay in (np.float32(0.25), torch.tensor(0.25)):
+        groups = decay_groups(model, weight_decay=weight_decay)
+        assert float(groups[0]["weight_decay"]) == 0.25
+        MaskedAdamW(groups, lr=0.1)
 
 
 @pytest.mark.parametrize("optimizer_cls", [MaskedAdamW, torch.optim.AdamW])

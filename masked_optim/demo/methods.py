@@ -105,8 +105,9 @@ class MaskedLearner(Learner):
 
 
 class GradMaskLearner(Learner):
-    """The usual workaround: torch AdamW with ``p.grad *= mask``, the mask MaskedAdamW's protect
-    mask would use (``density`` of elements with the lowest anchor move; anchor 0 always moves).
+    """The usual workaround: torch AdamW with ``p.grad *= mask``, a mask like MaskedAdamW's protect
+    mask (about ``density`` of each tensor's elements, those with the lowest anchor, move; anchor 0
+    always moves), but from an exact per-tensor ``kthvalue``, not the optimizer's histogram rule.
 
     A MaskedAdamW that never steps tracks the importance through ``observe()`` and
     ``consolidate()``; the anchor is read from its documented state (``state[p]["anchor"]``).

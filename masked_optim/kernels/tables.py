@@ -21,6 +21,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from masked_optim import threshold as thr
 from masked_optim.functional import TensorState
 from masked_optim.layouts import checked_inputs
 from masked_optim.kernels import layout
@@ -252,7 +253,7 @@ def group_tables(
     tables = GroupTables(
         tensor_table=_to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), layout.TENSOR_FIELDS), device),
         unit_table=_to_device(torch.tensor(units, dtype=torch.int64).reshape(len(units), 2), device),
-        unknown_thresholds=torch.full((len(units),), -1, dtype=torch.int64, device=device),
+        unknown_thresholds=torch.full((len(units),), thr.UNKNOWN, dtype=torch.int64, device=device),
         fresh_counts=_to_device(torch.tensor([elements] + [0] * (layout.COUNT_FIELDS - 1), dtype=torch.int64), device),
         buckets=buckets, tensor_count=len(rows), unit_count=len(units),
     )
