@@ -31,6 +31,7 @@ from masked_optim import cpu_histogram, scratch
 from masked_optim import threshold as thr
 from masked_optim.functional import (
     GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, next_thresholds,
+    threshold_may_be_unknown,
 )
 from masked_optim.layouts import checked_inputs, memory_order_view
 from masked_optim.reference import DELTA, GateBins, importance_signal, math_dtype
@@ -373,7 +374,7 @@ def _plan(tensors: list[TensorState], hyper: GroupHyper, grad_scale: Optional[Te
     first_pass = [False] * len(tensors)
     units = gated_units(tensors, has_gate, hyper.scope)
     for members in units:
-        if blocks or not all(tensors[i].threshold_known for i in members):
+        if blocks or threshold_may_be_unknown(tensors, members, hyper, read_host=True):
             for i in members:
                 first_pass[i] = True
     device = tensors[0].param.device if tensors else torch.device("cpu")

@@ -97,6 +97,17 @@ class GroupStats:
     #: GradScaler (only for backends that do not read ``found_inf`` on the host); None: a step
     #: was taken
     never_taken: Optional[Tensor] = None
+    #: elements a user mask (``set_mask``) holds, of ``elements`` (None: no tensor has a mask)
+    masked: Optional[Tensor] = None
+
+
+def masked_count(tensors: list[TensorState]) -> Optional[Tensor]:
+    """How many elements of ``tensors`` their user masks hold (int64 on the device, no sync), or
+    None when none has a mask."""
+    masks = [t.user_mask for t in tensors if t.user_mask is not None]
+    if not masks:
+        return None
+    return sum(mask.numel() - torch.count_nonzero(mask) for mask in masks)
 
 
 def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: Tensor) -> GroupStats:
@@ -106,7 +117,8 @@ def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: T
     they are ``current``'s: unknown, NaN in ``mask_stats``."""
     skipped = found_inf.reshape(-1)[0] != 0
     if previous is None:
-        return GroupStats(current.elements, current.updated, current.frozen, current.skipped, current.thresholds, current.units, skipped)
+        return GroupStats(current.elements, current.updated, current.frozen, current.skipped, current.thresholds,
+                          current.units, skipped, current.masked)
     keep = [torch.where(skipped, old, new) for old, new in (
         (previous.elements, current.elements), (previous.updated, current.updated),
         (previous.frozen, current.frozen), (previous.skipped, current.skipped),
@@ -115,7 +127,11 @@ def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: T
     if len(previous.thresholds) == len(thresholds):
         thresholds = [torch.where(skipped, old, new) for old, new in zip(previous.thresholds, thresholds)]
     never_taken = None if previous.never_taken is None else previous.never_taken & skipped
-    return GroupStats(*keep, thresholds=thresholds, units=current.units, never_taken=never_taken)
+    masked = current.masked
+    if previous.masked is not None or masked is not None:
+        zero = torch.zeros((), dtype=torch.int64, device=current.elements.device)
+        masked = torch.where(skipped, zero if previous.masked is None else previous.masked, zero if masked is None else masked)
+    return GroupStats(*keep, thresholds=thresholds, units=current.units, never_taken=never_taken, masked=masked)
 
 
 def prepare(
@@ -232,10 +248,12 @@ def _rows(rows: list[Tensor]) -> Tensor:
     return torch.stack(rows)
 
 
-def _derive(tensors: list[TensorState], units: list[list[int]], histograms: list, hyper: GroupHyper) -> list[Tensor]:
+def _derive(tensors: list[TensorState], units: list[list[int]], histograms: list, hyper: GroupHyper,
+            following: bool = False) -> list[Tensor]:
     """Each unit's threshold from its histogram, summed over its tensors and FSDP2 shards: one
     ``threshold_bin`` over all the units at once (per unit, its ~50 small ops cost ~0.1 ms on a
-    CPU, more than counting a small tensor's bins)."""
+    CPU, more than counting a small tensor's bins); ``following``: the threshold to store for
+    the next step (``threshold.next_threshold_bin``)."""
     if not units:
         return []
     if all(len(members) == 1 for members in units):
@@ -245,7 +263,29 @@ def _derive(tensors: list[TensorState], units: list[list[int]], histograms: list
     groups = [tensors[members[0]].shard_groups for members in units]
     if any(groups):  # summed in a copy: the backend's own rows stay as counted
         batch = all_reduce_rows(batch.clone(), groups)
-    return list(thr.threshold_bin(batch, hyper.density, hyper.mask == "protect").unbind(0))
+    protect = hyper.mask == "protect"
+    if following:
+        stored = torch.stack([tensors[members[0]].threshold for members in units])
+        return list(thr.next_threshold_bin(batch, hyper.density, protect, stored).unbind(0))
+    return list(thr.threshold_bin(batch, hyper.density, protect).unbind(0))
+
+
+def threshold_may_be_unknown(tensors: list[TensorState], members: list[int], hyper: GroupHyper,
+                             read_host: bool = False) -> bool:
+    """Whether the stored threshold of a gated unit may be < 0 (unknown or ``flagged``), so that
+    this step may have to derive its threshold from its own scores: the host does not vouch for
+    every member's, or, with select, the last step may have flagged it
+    (``threshold.next_threshold_bin``). Only the device knows that, but with ``read_host`` a
+    threshold on the CPU is read (a CPU read costs no sync; the Triton launcher never reads,
+    as it may be traced by ``torch.compile``)."""
+    if not all(tensors[i].threshold_known for i in members):
+        return True
+    if hyper.mask == "protect":  # protect never flags: its scores (the anchor) do not move
+        return False
+    stored = [tensors[i].threshold for i in members]
+    if read_host and all(t.device.type == "cpu" for t in stored):
+        return any(int(t) < 0 for t in stored)
+    return True
 
 
 def gate_thresholds(
@@ -265,7 +305,7 @@ def gate_thresholds(
     per_tensor: list[Optional[Tensor]] = [None] * len(tensors)
     per_unit: list[Tensor] = []
     units = _gated_units(tensors, histograms, hyper.scope)
-    unknown = [k for k, members in enumerate(units) if not all(tensors[i].threshold_known for i in members)]
+    unknown = [k for k, members in enumerate(units) if threshold_may_be_unknown(tensors, members, hyper, read_host=True)]
     derived = dict(zip(unknown, _derive(tensors, [units[k] for k in unknown], histograms, hyper)))
     for k, members in enumerate(units):
         stored = tensors[members[0]].threshold
@@ -283,11 +323,13 @@ def next_thresholds(
     tensors: list[TensorState], histograms: list[Optional[Callable[[], Tensor]]], hyper: GroupHyper
 ) -> list[Optional[Tensor]]:
     """The threshold each tensor stores for the next step: select derives it from this step's
-    scores; protect keeps a known one (the anchor is fixed between consolidations)."""
+    scores (flagged where the one this step had lagged: ``threshold.next_threshold_bin``);
+    protect keeps a known one (the anchor is fixed between consolidations)."""
     per_tensor: list[Optional[Tensor]] = [None] * len(tensors)
     units = _gated_units(tensors, histograms, hyper.scope)
     kept = [hyper.mask == "protect" and all(tensors[i].threshold_known for i in members) for members in units]
-    derived = iter(_derive(tensors, [members for members, keep in zip(units, kept) if not keep], histograms, hyper))
+    derived = iter(_derive(tensors, [members for members, keep in zip(units, kept) if not keep], histograms, hyper,
+                           following=True))
     for members, keep in zip(units, kept):
         following = tensors[members[0]].threshold if keep else next(derived)
         for i in members:

@@ -501,6 +501,7 @@ class MaskedAdamW(Optimizer):
             if result is not None:
                 members = functional.gated_units(tensors, functional.gated(tensors, hyper), hyper.scope)
                 result.units = [[positions[i] for i in unit] for unit in members]
+                result.masked = functional.masked_count(tensors)
             # under a scaler the step may have been skipped: keep the hint, unless the host read
             # found_inf (torch and compile: None when skipped) and knows that the step was taken
             if found_inf is None or backend != "triton" and result is not None:
@@ -571,7 +572,10 @@ class MaskedAdamW(Optimizer):
                         state["exp_avg"].zero_()
                         state["exp_avg_sq"].zero_()
                         state["step"].zero_()
-        if not any("importance" in self.state.get(p, {}) for group in self.param_groups for p in group["params"]):
+        # (set_mask makes state with an importance never measured: importance_step 0; one host
+        # read per param, but consolidate() is rare)
+        if not any(float(self.state[p]["importance_step"]) > 0 for group in self.param_groups for p in group["params"]
+                   if "importance" in self.state.get(p, {})):
             warnings.warn(
                 "consolidate() before any step() or observe(): no importance has been measured, so no anchor "
                 "is made and nothing will be protected or pulled back" + (" (the moments were reset)" if reset_moments else "")
@@ -636,15 +640,14 @@ class MaskedAdamW(Optimizer):
             state["user_mask"] = mask
         state["threshold_for"] = _STALE  # the unit's population changed: derived afresh next step
 
-    def mask_stats(self, global_counts: bool = False) -> list[dict[str, Any]]:
+    def mask_stats(self, global_counts: bool = False) -> list[Optional[dict[str, Any]]]:
         """Per param group, what the last step did (synchronises with the device).
 
-        Keys: ``target_density``, ``realised_density`` (the gated-on fraction of all the
-        elements stepped; elements a ``set_mask`` mask holds count as frozen, so with masks it is
-        about ``target_density`` times the allowed fraction), ``threshold`` (one
+        Keys: ``target_density``, ``realised_density`` (the gated-on fraction of the elements
+        stepped that no ``set_mask`` mask holds, as ``density`` is), ``threshold`` (one
         score threshold per unit that had one), ``units`` (per threshold, the indices in the
         group's ``params`` of its unit's tensors), ``elements``, ``updated``, ``frozen`` (gated
-        off) and ``nonfinite_skipped``. Groups that have not stepped yet report None. Under FSDP2 the
+        off, masked ones included), ``nonfinite_skipped`` and ``masked`` (held by user masks). Groups that have not stepped yet report None. Under FSDP2 the
         counts are this rank's shards (thresholds are global: histograms are all-reduced);
         ``global_counts=True`` sums them over the shards — a collective, so every rank must
         call it then; it needs every param of a group sharded over the same process groups
@@ -657,16 +660,18 @@ class MaskedAdamW(Optimizer):
             if stats is None or stats.never_taken is not None and bool(stats.never_taken):
                 report.append(None)
                 continue
-            counts = torch.stack([stats.elements, stats.updated, stats.frozen, stats.skipped]).to(torch.int64)
+            masked = stats.masked if stats.masked is not None else torch.zeros_like(stats.elements)
+            counts = torch.stack([stats.elements, stats.updated, stats.frozen, stats.skipped, masked]).to(torch.int64)
             if global_counts:
                 counts = all_reduce_sum(counts, count_groups[index])
-            elements, updated, frozen, skipped = counts.tolist()
+            elements, updated, frozen, skipped, masked = counts.tolist()
+            allowed = elements - masked
             report.append(dict(
                 target_density=float(group["density"]),
-                realised_density=(elements - frozen) / elements if elements else 1.0,
+                realised_density=(elements - frozen) / allowed if allowed else 1.0,
                 threshold=[thr.threshold_value(int(t.item())) for t in stats.thresholds],
                 units=[list(unit) for unit in stats.units],
-                elements=elements, updated=updated, frozen=frozen, nonfinite_skipped=skipped,
+                elements=elements, updated=updated, frozen=frozen, nonfinite_skipped=skipped, masked=masked,
             ))
         return report
 

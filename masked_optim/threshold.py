@@ -127,7 +127,53 @@ def _cumulative(hist: Tensor) -> Tensor:
 
 
 def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
-    """Threshold bin (0-dim int64 tensor) that brings a unit's realised density closest to target.
+    """Threshold bin (0-dim int64 tensor) that brings a unit's realised density closest to target
+    (``_best``, which documents the rule)."""
+    return _best(hist, density, protect)[0]
+
+
+def flagged(threshold: Tensor) -> Tensor:
+    """A stored threshold that tells the next step to derive its own: ``-2 - threshold``
+    (``UNKNOWN``, -1, has no candidate; ``candidate`` undoes it)."""
+    return -2 - threshold
+
+
+def candidate(stored: Tensor) -> Tensor:
+    """The threshold a stored one names, flagged (``flagged``) or not (where ``stored`` is not
+    ``UNKNOWN``)."""
+    return torch.where(stored >= 0, stored, -2 - stored).clamp(0, NUM_BINS)
+
+
+def next_threshold_bin(hist: Tensor, density: float, protect: bool, stored: Tensor) -> Tensor:
+    """The threshold a unit stores for its next step, from this step's histogram ``hist``.
+
+    It is ``threshold_bin(hist)``. With ``select`` it is stored ``flagged`` (the next step
+    derives its threshold from its own scores, as a first step does) where the threshold the
+    last step derived (``candidate(stored)``) would have missed this step's target by more
+    than half SPEC's bound, max(10% of the target, 0.002), and by more than
+    ``threshold_bin(hist)`` misses it: the scores' distribution is moving (the first tens of
+    steps of the importance average, a new task), and a threshold taken from the previous
+    step lags; also where there was none (``UNKNOWN``: a first step), as the importance
+    average changes most between its first steps. On stationary scores a stored threshold
+    meets the bound, and no step takes the extra pass. ``stored`` holds each unit's stored
+    threshold (``hist``'s leading shape).
+    """
+    choice, below, total, target = _best(hist, density, protect)
+    if protect:  # the anchor does not move between consolidations
+        return choice
+
+    def error(b: Tensor) -> Tensor:
+        return ((total - below(b.unsqueeze(-1))).to(torch.float64) - target).abs().squeeze(-1)
+
+    missed = error(candidate(stored))
+    half_bound = 0.5 * max(0.1 * density, 0.002) * total.squeeze(-1).to(torch.float64)
+    flag = (stored == UNKNOWN) | (missed > half_bound) & (missed > error(choice))
+    return torch.where(flag, flagged(choice), choice)
+
+
+def _best(hist: Tensor, density: float, protect: bool) -> tuple:
+    """The threshold bin that brings a unit's realised density closest to target (0-dim int64),
+    and the function ``below(b)`` (elements in bins < b), the total and the target it used.
 
     ``select``: an element is updated when ``bin >= threshold`` (the top ``density`` of scores).
     ``protect``: an element is updated when ``bin < threshold`` (all but the top ``1 - density``
@@ -170,7 +216,7 @@ def threshold_bin(hist: Tensor, density: float, protect: bool) -> Tensor:
         lower = first_at_least(below(at_least))
         upper = (at_least + 1).clamp(max=last)
         pick_lower = (upper == at_least) | (error(total - below(lower)) <= error(total - below(upper)))
-    return torch.where(pick_lower, lower, upper).squeeze(-1)
+    return torch.where(pick_lower, lower, upper).squeeze(-1), below, total, target
 
 
 def gate(bins: Tensor, threshold: Tensor, protect: bool) -> Tensor:

@@ -84,3 +84,11 @@ def test_full_runs_the_published_methods_only():
 
     assert "masked-protect-anchor+eps" in METHODS and "masked-protect-anchor+eps" not in FULL_METHODS
     assert {"adamw", "ewc-adamw", "masked-anchor+eps"} <= set(FULL_METHODS)
+
+
+@pytest.mark.parametrize("flag,value", [("--seeds", "0"), ("--workers", "0"), ("--tasks", "0"), ("--epochs", "-1")])
+def test_counts_below_their_least_are_refused(flag, value, capsys):
+    """``--seeds 0`` used to run the default 3 seeds (0 read as "not given")."""
+    with pytest.raises(SystemExit):
+        main([flag, value])
+    assert f"argument {flag}: must be at least" in capsys.readouterr().err

@@ -95,6 +95,16 @@ def test_consolidate_before_any_importance_warns_and_changes_nothing():
     assert not opt.state
 
 
+def test_consolidate_after_only_set_mask_warns_and_makes_no_anchor():
+    """``set_mask`` makes state, with an importance never measured: still nothing to anchor."""
+    params = _params()
+    opt = MaskedAdamW(params, anchor_decay=1.0)
+    opt.set_mask(params[0], torch.ones(params[0].shape, dtype=torch.bool))
+    with pytest.warns(UserWarning, match=r"consolidate\(\) before any step\(\) or observe\(\)"):
+        opt.consolidate()
+    assert all("anchor" not in state for state in opt.state.values())
+
+
 def test_consolidate_checks_every_group_before_changing_any():
     params = _params()
     opt = MaskedAdamW([{"params": params[:1]}, {"params": params[1:]}], anchor_decay=1.0)

@@ -59,3 +59,26 @@ def test_bad_masks_are_rejected():
     with pytest.raises(ValueError, match="param is not managed by this optimizer"):
         opt.set_mask(torch.zeros(3), torch.ones(3, dtype=torch.bool))
     assert param not in opt.state  # a refused mask makes no state either
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+@pytest.mark.parametrize("mask_kind,density", [("select", 0.3), ("protect", 0.3), ("select", 1.0)])
+def test_realised_density_is_a_fraction_of_the_allowed_elements(backend, mask_kind, density):
+    """``density`` is the fraction of the elements a user mask allows that a step updates, and
+    ``mask_stats`` reports it so: ``masked`` counts the held elements, ``frozen`` includes them."""
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(64, 64, requires_grad=True), torch.randn(500, requires_grad=True)]
+    opt = MaskedAdamW(params, lr=1e-2, density=density, mask=mask_kind, backend=backend)
+    allowed = torch.rand(64, 64, generator=gen) < 0.5
+    opt.set_mask(params[0], allowed)
+    for _ in range(3):
+        lognormal_grads(params, gen)
+        opt.step()
+        if mask_kind == "protect":
+            opt.consolidate()
+    stats = opt.mask_stats()[0]
+    held = int((~allowed).sum())
+    assert stats["masked"] == held and stats["elements"] == 64 * 64 + 500
+    assert stats["frozen"] >= held
+    assert stats["realised_density"] == (stats["elements"] - stats["frozen"]) / (stats["elements"] - held)
+    assert abs(stats["realised_density"] - density) <= max(0.1 * density, 0.002), stats

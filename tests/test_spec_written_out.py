@@ -43,6 +43,7 @@ class WrittenOut:
         self.m, self.v, self.s = (torch.zeros_like(self.theta) for _ in range(3))
         self.t = self.t_s = 0
         self.a = self.theta_star = self.tau = None
+        self.redo = False
 
     def _rule(self, r: torch.Tensor) -> int:
         hist = torch.bincount(_bins(r).reshape(-1), minlength=NUM_BINS)
@@ -69,11 +70,26 @@ class WrittenOut:
                 r = self.s / (1 - self.beta_s ** self.t_s)  # bias-corrected (step 6)
                 if self.a is not None:
                     r = r / (self.a + DELTA)
-            if self.tau is None:
-                self.tau = self._rule(r)
-            k = _bins(r) < self.tau if protect else _bins(r) >= self.tau
-            if not protect:  # 6. this step's scores give the next step's threshold
-                self.tau = self._rule(r)
+            if protect:
+                if self.tau is None:
+                    self.tau = self._rule(r)
+                k = _bins(r) < self.tau
+            else:
+                own = self._rule(r)  # from this step's scores
+                k = _bins(r) >= (own if self.tau is None or self.redo else self.tau)
+                # 6. this step's scores give the next step's threshold. The package's addition
+                # (README, "Density threshold"): the next step derives its own instead where
+                # the threshold this step had from the last would have missed this step's target
+                # by more than half SPEC's bound and more than its own threshold does, and
+                # after a step that had none
+                n, target = r.numel(), self.density * r.numel()
+                if self.tau is None:
+                    self.redo = True
+                else:
+                    missed = abs(int((_bins(r) >= self.tau).sum()) - target)
+                    self.redo = missed > 0.5 * max(0.1 * self.density, 0.002) * n \
+                        and missed > abs(int((_bins(r) >= own).sum()) - target)
+                self.tau = own
         # 4. soft scale
         c = torch.ones_like(g) if self.a is None or self.lam == 0 else 1 / (1 + self.lam * self.a)
         # 5. restoring force, then AdamW with lr*c

@@ -137,6 +137,57 @@ def test_threshold_bin_is_the_rule(style, protect):
             assert got.shape == () and got.dtype == torch.int64 and int(got) == int(want), density
 
 
+def _next_by_scan(hist: torch.Tensor, density: float, stored: int) -> int:
+    """``next_threshold_bin`` for select written out: the rule's threshold, flagged (-2 - b) after
+    a step that had none (stored -1) or where the stored one's candidate misses this histogram's
+    target by more than half SPEC's bound and more than the rule's threshold does."""
+    own = int(_threshold_bin_by_scan(hist, density, False))
+    if stored == thr.UNKNOWN:
+        return -2 - own
+    counts = hist.to(torch.float64)
+    total = float(counts.sum())
+
+    def missed(b: int) -> float:
+        return abs(float(counts[b:].sum()) - density * total)
+
+    previous = stored if stored >= 0 else -2 - stored
+    redo = missed(previous) > 0.5 * _bound(density) * total and missed(previous) > missed(own)
+    return -2 - own if redo else own
+
+
+@pytest.mark.parametrize("style", ["spread", "low", "three"])
+def test_next_threshold_flags_a_stored_threshold_that_lagged(style):
+    """The threshold stored for the next step equals the rule written out, batched or one unit at a
+    time, for stored thresholds near, far from and flagged around the histogram's own; protect
+    never flags (its scores, the anchor, do not move)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"next{style}".encode()))
+    for density in [0.5, 0.1, 0.01] + torch.rand(20, generator=gen).tolist():
+        hist = _random_histograms(gen, 6, style)
+        own = _threshold_bin_by_scan(hist, density, False)
+        shift = torch.randint(-3, 4, (6,), generator=gen)
+        stored = (own + shift).clamp(0, thr.NUM_BINS)
+        stored[0] = thr.UNKNOWN
+        stored[1] = -2 - stored[1]  # flagged: its candidate is what the check compares
+        expected = [_next_by_scan(row, density, int(previous)) for row, previous in zip(hist, stored)]
+        assert thr.next_threshold_bin(hist, density, False, stored).tolist() == expected, density
+        for row, previous, want in zip(hist, stored, expected):
+            assert int(thr.next_threshold_bin(row, density, False, previous)) == want
+        protect = thr.next_threshold_bin(hist, density, True, stored)
+        assert torch.equal(protect, thr.threshold_bin(hist, density, True))
+
+
+def test_a_lagging_threshold_is_flagged_and_a_good_one_kept():
+    """Scores whose distribution narrows (a young importance average) flag the stored threshold;
+    the same scores again keep it."""
+    gen = torch.Generator().manual_seed(0)
+    wide = thr.histogram(torch.randn(N, generator=gen) ** 2)
+    narrow = thr.histogram((torch.randn(N, generator=gen) ** 2 + torch.randn(N, generator=gen) ** 2) / 2)
+    stored = thr.threshold_bin(wide, 0.01, False)
+    assert int(thr.next_threshold_bin(narrow, 0.01, False, stored)) < 0
+    assert int(thr.next_threshold_bin(wide, 0.01, False, stored)) == int(stored)
+    assert int(thr.next_threshold_bin(wide, 0.01, False, torch.tensor(thr.UNKNOWN))) == -2 - int(stored)
+
+
 def test_results_outlive_the_reused_workspace():
     """On the CPU the cumulative sums go into a buffer reused per thread: a result survives the
     next call, and a batch larger than any before grows the buffer."""

@@ -1,6 +1,6 @@
 """Continual learning on permuted digits: MaskedAdamW against AdamW, the grad-mask workaround and EWC.
 
-    python -m masked_optim.demo                 # default: 3 seeds, 10 epochs/task, < 3 min on 2 cores
+    python -m masked_optim.demo                 # default: 3 seeds, 10 epochs/task, under a minute on 2 cores
     python -m masked_optim.demo --full          # the published table: 8 seeds, every method in it
     python -m masked_optim.demo --tune          # redo the validation sweep first, then use its choice
     python -m masked_optim.demo --tune-only --methods masked-anchor+eps   # the sweep alone, no test runs
@@ -49,16 +49,26 @@ def describe(method: Method) -> dict:
                 how=method.how, calibrate=method.calibrate)
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its errors
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="masked-optim-demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, help=f"number of seeds (default {SEEDS}; {FULL_SEEDS} with --full)")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per task")
-    parser.add_argument("--tasks", type=int, default=TASKS, help="number of permuted tasks")
+    parser.add_argument("--seeds", type=_at_least(1), help=f"number of seeds (default {SEEDS}; {FULL_SEEDS} with --full)")
+    parser.add_argument("--epochs", type=_at_least(0), default=EPOCHS, help="epochs per task")
+    parser.add_argument("--tasks", type=_at_least(1), default=TASKS, help="number of permuted tasks")
     parser.add_argument("--methods", help=f"comma-separated subset of: {','.join(METHODS)}")
     parser.add_argument("--full", action="store_true", help="every method, 8 seeds (the published table)")
     parser.add_argument("--tune", action="store_true", help="redo the validation sweep and use its choice")
     parser.add_argument("--tune-only", action="store_true", help="the validation sweep alone (no test runs)")
-    parser.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
+    parser.add_argument("--workers", type=_at_least(1), help="processes (default: one per CPU core)")
     parser.add_argument("--out", default=OUT, help="output directory")
     return parser.parse_args(argv)
 

@@ -1,10 +1,12 @@
 """The Triton backend's entry point: one MaskedAdamW step of one param group, no host sync.
 
 Per step and group the launches are, whatever the number of tensors:
-  1. (gated groups whose stored thresholds the host cannot vouch for) the score-histogram
-     pre-pass, one launch per bucket, then ``threshold.threshold_bin`` over all units at once;
+  1. (gated groups whose stored thresholds the host cannot vouch for: always with select, as
+     a step may flag its threshold) the score-histogram pre-pass, one launch per bucket, whose
+     programs read nothing for units with a usable stored threshold, then
+     ``threshold.threshold_bin`` over all units at once;
   2. the step kernel, one launch per bucket (buckets: distinct dtype/feature combinations);
-  3. (select with density < 1) ``threshold.threshold_bin`` of this step's histogram;
+  3. (select with density < 1) ``threshold.next_threshold_bin`` of this step's histogram;
   4. the finish kernel (one program): step counters, next thresholds, stats, all conditional on
      ``found_inf`` on the device.
 Grid, memory layout and what each kernel writes: ``step_kernel`` and ``finish_kernel``.
@@ -153,7 +155,7 @@ def prepare_group(
         for i in members:
             unit_of[i] = index
     unit_first = [members[0] for members in unit_members]
-    unit_known = [all(tensors[i].threshold_known for i in members) for members in unit_members]
+    unit_known = [not functional.threshold_may_be_unknown(tensors, members, hyper) for members in unit_members]
 
     signature = tables.signature(tensors, scored, unit_of, unit_known, block, device)
     group, host_counters, keep_alive = tables.checked_group(signature), False, ()
@@ -354,7 +356,8 @@ def _launch(
         histogram = _reduce(slots.histogram, unit_first, tensors)
         if prepass_histogram is not None:
             histogram = histogram + prepass_histogram
-        slots.next_thresholds = thr.threshold_bin(histogram, hyper.density, protect)
+        stored = torch.stack([tensors[first].threshold for first in unit_first])  # (not yet overwritten)
+        slots.next_thresholds = thr.next_threshold_bin(histogram, hyper.density, protect, stored)
     elif prepass:
         slots.next_thresholds = slots.prepass_thresholds
     for kernel, grid, args, constants in _calls("finish", plan, hyper, grad_scale, found_inf, slots):
