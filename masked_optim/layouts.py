@@ -75,3 +75,8 @@ def checked_inputs(t: TensorState, backend: str) -> tuple[Tensor, Optional[Tenso
     if not (contiguous and grad.shape == shape and grad.is_contiguous()):
         grad = in_param_layout(grad, param)
     return grad, mask
+
+
+def real_view(tensor: Tensor) -> Tensor:
+    """A complex tensor as its real view (``[..., 2]``, as torch's optimizers step it), else itself."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor

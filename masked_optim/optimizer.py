@@ -10,30 +10,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from masked_optim import backends, consolidation, functional
+from masked_optim import backends, checkpoint, consolidation, functional
 from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups, sharded_like
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
-from masked_optim.layouts import check_dense, is_dense
+from masked_optim.layouts import check_dense, is_dense, real_view
 from masked_optim.options import DEFAULTS, IMPORTANCES, _number, importance_dtype_name, validate_group, validate_param
 from masked_optim.reference import math_dtype
 
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_STATE_KINDS = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
-#: every per-param state entry; entries that only come together (a checkpoint holding part of
-#: one of these sets is refused: the step would have to invent the rest)
-_STATE_KEYS = frozenset(_STATE_KINDS) | {"step", "importance_step", "threshold", "threshold_for", "user_mask"}
-_STATE_SETS = (("step", "exp_avg", "exp_avg_sq"), ("importance", "importance_step"), ("threshold", "threshold_for"))
-#: param-group options of torch's other optimizers (SGD, RMSprop, Adagrad, Adadelta, NAdam): a
-#: checkpoint with one is another optimizer's even when it holds no state (SGD without momentum)
-_FOREIGN_OPTIONS = ("momentum", "dampening", "nesterov", "alpha", "centered", "lr_decay", "initial_accumulator_value",
-                    "rho", "momentum_decay")
 #: param types stepped as they are (no DTensor shard to take, no complex view)
 _PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _real(tensor: Tensor) -> Tensor:
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 def _real_mask(mask: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
@@ -41,32 +28,6 @@ def _real_mask(mask: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
     if mask is None or not param.is_complex():
         return mask
     return mask.unsqueeze(-1).expand(*mask.shape, 2)
-
-
-def _layout_like(key: str, param: Tensor) -> Optional[Tensor]:
-    """The tensor whose shape and memory layout state ``key`` of ``param`` has (None: free). A
-    loaded user mask takes its param's layout too (the fused backends read it so; on a DTensor
-    param it is sharded like it)."""
-    if key in ("exp_avg", "exp_avg_sq", "anchor_param", "user_mask"):
-        return param
-    if key in ("importance", "anchor"):
-        return _real(param)
-    return None
-
-
-def _restored(value: Tensor, like: Optional[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A loaded state tensor as this optimizer keeps it: its own copy, on the param's device,
-    in ``dtype``, laid out like ``like`` (a checkpoint may hold another layout, e.g. saved
-    while the param was channels_last), sharded like a DTensor ``like`` if it comes whole (a
-    full state dict: torch reshards only the keys a fresh optimizer has, so not ``anchor``,
-    ``anchor_param`` or ``user_mask``)."""
-    if is_dtensor(like) and not is_dtensor(value) and tuple(value.shape) == tuple(like.shape):
-        return sharded_like(value.to(dtype=dtype, copy=True), like)
-    if like is None or is_dtensor(like) or is_dtensor(value):
-        return value.to(device=device, dtype=dtype, copy=True)
-    restored = torch.empty_like(like, dtype=dtype)
-    restored.copy_(value)
-    return restored
 
 
 def _stale(state: dict[str, Any], key: float) -> bool:
@@ -312,7 +273,7 @@ class MaskedAdamW(Optimizer):
             if merged["backend"] != "torch":
                 backends.resolve(merged["backend"], param.device)
             if merged["backend"] == "compile":  # (the step checks again: a layout may change)
-                check_dense(_real(local(param)), "compile")
+                check_dense(real_view(local(param)), "compile")
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ state
@@ -343,7 +304,7 @@ class MaskedAdamW(Optimizer):
             if key not in state:
                 state[key] = torch.zeros_like(param, dtype=self._state_dtype(key, param, group), memory_format=torch.preserve_format)
         if "importance" not in state:
-            state["importance"] = torch.zeros_like(_real(param), dtype=self._importance_dtype(group))
+            state["importance"] = torch.zeros_like(real_view(param), dtype=self._importance_dtype(group))
             state["importance_step"] = self._counter(param, group)
         if "threshold" not in state:  # (_STALE: in group scope the whole unit derives afresh)
             state["threshold"] = torch.full((), thr.UNKNOWN, dtype=torch.int64, device=param.device)
@@ -405,12 +366,12 @@ class MaskedAdamW(Optimizer):
                 continue
             tensors.append(
                 TensorState(
-                    param=_real(local(param)), grad=_real(local(grad)),
-                    exp_avg=_real(local(state["exp_avg"])), exp_avg_sq=_real(local(state["exp_avg_sq"])),
+                    param=real_view(local(param)), grad=real_view(local(grad)),
+                    exp_avg=real_view(local(state["exp_avg"])), exp_avg_sq=real_view(local(state["exp_avg_sq"])),
                     importance=local(state["importance"]), step=state["step"],
                     importance_step=state["importance_step"], threshold=state["threshold"],
                     threshold_known=threshold_for == key, anchor=local(state.get("anchor")),
-                    anchor_param=_real(local(state["anchor_param"])) if "anchor_param" in state else None,
+                    anchor_param=real_view(local(state["anchor_param"])) if "anchor_param" in state else None,
                     shard_groups=shard_groups(param),
                     user_mask=_real_mask(local(state.get("user_mask")), param),
                 )
@@ -677,7 +638,7 @@ class MaskedAdamW(Optimizer):
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state: ``total`` and one entry per kind (``other``: counters)."""
-        sizes = dict.fromkeys((*_STATE_KINDS, "other"), 0)
+        sizes = dict.fromkeys((*checkpoint.STATE_KINDS, "other"), 0)
         for state in self.state.values():
             for key, value in state.items():
                 if isinstance(value, Tensor):
@@ -719,65 +680,9 @@ class MaskedAdamW(Optimizer):
             post.remove()
 
     def _check_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Refuse a checkpoint this optimizer cannot continue from, before anything changes."""
-        saved_groups = state_dict["param_groups"]
-        current_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        for index, (saved, current) in enumerate(zip(saved_groups, current_groups)):
-            if saved.get("amsgrad"):
-                raise ValueError(f"Invalid checkpoint: param group {index} has amsgrad=True (MaskedAdamW has no "
-                                 "AMSGrad; its max_exp_avg_sq would be ignored)")
-            if saved.get("decoupled_weight_decay") is False and _number("weight_decay", saved.get("weight_decay", 0.0)) != 0.0:
-                raise ValueError(f"Invalid checkpoint: param group {index} has decoupled_weight_decay=False and "
-                                 f"weight_decay={saved['weight_decay']} (Adam's L2 decay; MaskedAdamW's decay is AdamW's)")
-            foreign = [key for key in _FOREIGN_OPTIONS if key in saved]
-            if foreign:
-                raise ValueError(f"Invalid checkpoint: param group {index} has {', '.join(map(repr, foreign))}, which "
-                                 "MaskedAdamW does not have (the checkpoint of another optimizer?)")
-            options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
-            try:
-                validate_group({**current, **options, "backend": current["backend"]})
-            except ValueError as error:
-                raise ValueError(f"Invalid checkpoint: param group {index}: {error}") from None
-        originals = {pid: dict(state) for pid, state in state_dict["state"].items()}
-        for saved, group in zip(saved_groups, self.param_groups):
-            for pid, param in zip(saved["params"], group["params"]):
-                state = originals.get(pid, {})
-                if "step" not in state and any(key in state for key in ("exp_avg", "exp_avg_sq")):
-                    raise ValueError(f"Invalid checkpoint: the state of param {pid} has moments but no 'step'")
-                for key in state:
-                    if key not in _STATE_KEYS:
-                        raise ValueError(f"Invalid checkpoint: state[{pid!r}] has {key!r}, which MaskedAdamW does not "
-                                         "keep (the state of another optimizer?)")
-                for keys in _STATE_SETS:
-                    if any(key in state for key in keys) and not all(key in state for key in keys):
-                        missing = [key for key in keys if key not in state]
-                        raise ValueError(f"Invalid checkpoint: state[{pid!r}] has {', '.join(repr(k) for k in keys if k in state)} "
-                                         f"but no {', '.join(map(repr, missing))}")
-                if "anchor_param" in state and "anchor" not in state:
-                    raise ValueError(f"Invalid checkpoint: state[{pid!r}] has 'anchor_param' but no 'anchor'")
-                for key, value in state.items():
-                    if key not in ("step", "importance_step", "threshold_for") and not isinstance(value, Tensor):
-                        raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] must be a Tensor, got "
-                                         f"{type(value).__name__}")
-                if "threshold" in state and state["threshold"].numel() != 1:
-                    raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold'] has shape "
-                                     f"{tuple(state['threshold'].shape)}, a unit's threshold has one element")
-                for key in ("step", "importance_step"):  # (counters are small: read on the host)
-                    if key in state:
-                        count = _number(key, state[key])
-                        if not (math.isfinite(count) and count >= 0):
-                            raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] is {count} (a step count is "
-                                             "finite and >= 0)")
-                mask = state.get("user_mask")
-                if mask is not None and not (isinstance(mask, Tensor) and mask.dtype == torch.bool):
-                    raise ValueError(f"Invalid checkpoint: state[{pid!r}]['user_mask'] must be a bool Tensor, got "
-                                     f"{getattr(mask, 'dtype', type(mask).__name__)}")
-                for key, value in state.items():
-                    like = _layout_like(key, param)
-                    if like is not None and isinstance(value, Tensor) and tuple(value.shape) != tuple(like.shape):
-                        raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] has shape {tuple(value.shape)}, "
-                                         f"its param {tuple(like.shape)}")
-        return dict(originals=originals, saved_groups=saved_groups, current_groups=current_groups)
+        """Refuse a checkpoint this optimizer cannot continue from, before anything changes
+        (``checkpoint.check``)."""
+        return checkpoint.check(self.param_groups, state_dict)
 
     def _restore_checkpoint(self, originals: dict, saved_groups: list, current_groups: list) -> None:
         """Put back what ``Optimizer.load_state_dict`` changed: state dtypes and layouts, the
@@ -794,4 +699,4 @@ class MaskedAdamW(Optimizer):
                         self.state[param][key] = self._counter(param, group, value)
                     elif isinstance(value, Tensor):
                         dtype = self._state_dtype(key, param, group) or value.dtype
-                        self.state[param][key] = _restored(value, _layout_like(key, param), param.device, dtype)
+                        self.state[param][key] = checkpoint.restored(value, checkpoint.layout_like(key, param), param.device, dtype)
