@@ -213,11 +213,24 @@ def units(tensors: list[TensorState], scope: str) -> list[list[int]]:
 
 def gated(tensors: list[TensorState], hyper: GroupHyper) -> list[bool]:
     """Which tensors have a density gate this step: density < 1, and for ``protect`` an anchor."""
+    return gate_flags([t.anchor is not None for t in tensors], hyper)
+
+
+def gate_flags(has_anchor: list[bool], hyper: GroupHyper) -> list[bool]:
+    """``gated`` from whether each tensor has an anchor (all the rule needs)."""
     if hyper.density >= 1.0:
-        return [False] * len(tensors)
+        return [False] * len(has_anchor)
     if hyper.mask != "protect":
-        return [True] * len(tensors)
-    return [t.anchor is not None for t in tensors]
+        return [True] * len(has_anchor)
+    return list(has_anchor)
+
+
+def gated_unit_count(has_anchor: list[bool], hyper: GroupHyper) -> int:
+    """How many gated units (each with one threshold) a group's step has (``gated_units``'
+    length), from whether each tensor has an anchor: the Triton op's fake (meta) kernel
+    shapes its outputs with it."""
+    flags = gate_flags(has_anchor, hyper)
+    return int(any(flags)) if hyper.scope == "group" else sum(flags)
 
 
 def gated_units(tensors: list[TensorState], is_gated: list[bool], scope: str) -> list[list[int]]:

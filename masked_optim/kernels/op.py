@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from masked_optim.functional import GroupHyper, GroupStats, TensorState
+from masked_optim.functional import GroupHyper, GroupStats, TensorState, gated_unit_count
 from masked_optim.kernels import layout
 
 _SCALARS = (
@@ -34,16 +34,6 @@ _SCALARS = (
     "protect_strength", "anchor_decay", "maximize", "gate_block",
 )
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "importances", "steps", "importance_steps", "thresholds")
-
-
-def gated_unit_count(has_anchor: list[bool], hyper: GroupHyper) -> int:
-    """How many gated units (each with one threshold) a group's step has."""
-    if hyper.density >= 1.0 or not has_anchor:
-        return 0
-    scored = [not (hyper.mask == "protect" and not anchored) for anchored in has_anchor]
-    if hyper.scope == "group":
-        return int(any(scored))
-    return sum(scored)
 
 
 def _encode_groups(tensors: list[TensorState]) -> str:
