@@ -348,13 +348,21 @@ def _launch(
         prepass_histogram = _reduce(prepass_histogram, unit_first, tensors)
         slots.prepass_thresholds = thr.threshold_bin(prepass_histogram, hyper.density, protect)
 
-    slots.histogram = torch.zeros(histogram_shape, dtype=torch.int64, device=device) if gated and not protect and group.unit_count else counts
+    # the step kernel counts the units the pre-pass did not (disjoint rows): unsharded, it adds
+    # them into the pre-pass's histogram, one [U, NUM_BINS] buffer zeroed and no sum of two
+    # (a select group launches the pre-pass every step); sharded, the pre-pass's rows were
+    # already all-reduced, so the step counts into rows of its own
+    shared = prepass_histogram is not None and not any(tensors[first].shard_groups for first in unit_first)
+    if gated and not protect and group.unit_count:
+        slots.histogram = prepass_histogram if shared else torch.zeros(histogram_shape, dtype=torch.int64, device=device)
+    else:
+        slots.histogram = counts
     for kernel, grid, args, constants in _calls("step", plan, hyper, grad_scale, found_inf, slots):
         kernel[grid](*args, **constants)
 
     if gated and group.unit_count and not protect:
         histogram = _reduce(slots.histogram, unit_first, tensors)
-        if prepass_histogram is not None:
+        if prepass_histogram is not None and not shared:
             histogram = histogram + prepass_histogram
         stored = torch.stack([tensors[first].threshold for first in unit_first])  # (not yet overwritten)
         slots.next_thresholds = thr.next_threshold_bin(histogram, hyper.density, protect, stored)
