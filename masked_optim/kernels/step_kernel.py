@@ -213,7 +213,8 @@ def _score_histogram_kernel(
     row, offsets, mask, _ = _block(tensor_table_pointer, block_table_pointer, found_inf_pointer, HAS_FOUND_INF, BLOCK)
     unit, stored, known = _stored_threshold(row, unit_table_pointer)
     protect = tl.load(hyper_pointer + layout.PROTECT) != 0
-    mask = tl.where(_prepass_counts(stored, known, protect), mask, False)
+    if not _prepass_counts(stored, known, protect):
+        return  # (a select unit with a usable stored threshold: the launch is every step's)
     anchor = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_ANCHOR:
         anchor = tl.load(tl.load(row + _ANCHOR).to(tl.pointer_type(ANCHOR_DTYPE)) + offsets, mask=mask, other=0).to(tl.float32)
