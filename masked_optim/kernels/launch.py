@@ -3,7 +3,7 @@
 Per step and group the launches are, whatever the number of tensors:
   1. (gated groups whose stored thresholds the host cannot vouch for: always with select, as
      a step may flag its threshold) the score-histogram pre-pass, one launch per bucket, whose
-     programs read nothing for units with a usable stored threshold, then
+     programs return at once for units with a usable stored threshold, then
      ``threshold.threshold_bin`` over all units at once;
   2. the step kernel, one launch per bucket (buckets: distinct dtype/feature combinations);
   3. (select with density < 1) ``threshold.next_threshold_bin`` of this step's histogram;
