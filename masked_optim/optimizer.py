@@ -544,7 +544,11 @@ class MaskedAdamW(Optimizer):
             )
             return
         for group in self.param_groups:
-            params = [p for p in group["params"] if "importance" in self.state.get(p, {})]
+            # a param whose state only set_mask made (no importance ever measured, no anchor) has
+            # no part in the unit: as without the set_mask call (its zeros would halve the unit's
+            # mean importance, doubling the others' anchors, and give it an anchor of zeros)
+            params = [p for p in group["params"] if "importance" in self.state.get(p, {})
+                      and ("anchor" in self.state[p] or float(self.state[p]["importance_step"]) > 0)]
             dtype = self._importance_dtype(group)
             for p in params:  # an importance_dtype changed since the last step takes effect now
                 self.state[p].update(_in_importance_dtype(self.state[p], dtype))

@@ -248,3 +248,22 @@ def test_reset_moments_reaches_params_without_importance():
         for p in params:
             state = opt.state[p]
             assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_an_all_true_set_mask_on_an_unused_param_changes_no_anchor(backend):
+    """scope="group": a param that never had a grad takes no part in consolidate(), with or without
+    an (all-True) set_mask, which makes its state; it used to join the unit with zero importance,
+    doubling the other tensors' anchors and getting an anchor of zeros (found by the fuzzer)."""
+    def run(call_set_mask):
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(1000, requires_grad=True), torch.randn(1000, requires_grad=True)
+        opt = MaskedAdamW([a, b], lr=1e-2, scope="group", density=0.5, backend=backend)
+        if call_set_mask:
+            opt.set_mask(b, torch.ones(1000, dtype=torch.bool))
+        a.grad = torch.randn(1000, generator=gen)
+        opt.step()
+        opt.consolidate()
+        return opt.state[a]["anchor"].clone(), "anchor" in opt.state.get(b, {})
+    plain, masked = run(False), run(True)
+    assert torch.equal(plain[0], masked[0]) and not plain[1] and not masked[1]
