@@ -533,22 +533,23 @@ class MaskedAdamW(Optimizer):
                         state["exp_avg"].zero_()
                         state["exp_avg_sq"].zero_()
                         state["step"].zero_()
-        # (set_mask makes state with an importance never measured: importance_step 0; one host
+        # a param takes part once its importance was measured or it has an anchor: one whose state
+        # only set_mask made (importance_step 0, no anchor) would halve its group-scope unit's
+        # mean importance, doubling the others' anchors, and get an anchor of zeros (one host
         # read per param, but consolidate() is rare)
-        if not any(float(self.state[p]["importance_step"]) > 0 for group in self.param_groups for p in group["params"]
-                   if "importance" in self.state.get(p, {})):
+        taking_part = [
+            [p for p in group["params"] if "importance" in self.state.get(p, {})
+             and ("anchor" in self.state[p] or float(self.state[p]["importance_step"]) > 0)]
+            for group in self.param_groups
+        ]
+        if not any(taking_part):
             warnings.warn(
                 "consolidate() before any step() or observe(): no importance has been measured, so no anchor "
                 "is made and nothing will be protected or pulled back" + (" (the moments were reset)" if reset_moments else "")
                 + ". Run observe() on gradients of the old data (or train on it) first", UserWarning, stacklevel=2,
             )
             return
-        for group in self.param_groups:
-            # a param whose state only set_mask made (no importance ever measured, no anchor) has
-            # no part in the unit: as without the set_mask call (its zeros would halve the unit's
-            # mean importance, doubling the others' anchors, and give it an anchor of zeros)
-            params = [p for p in group["params"] if "importance" in self.state.get(p, {})
-                      and ("anchor" in self.state[p] or float(self.state[p]["importance_step"]) > 0)]
+        for group, params in zip(self.param_groups, taking_part):
             dtype = self._importance_dtype(group)
             for p in params:  # an importance_dtype changed since the last step takes effect now
                 self.state[p].update(_in_importance_dtype(self.state[p], dtype))

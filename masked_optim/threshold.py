@@ -141,7 +141,7 @@ def flagged(threshold: Tensor) -> Tensor:
 def candidate(stored: Tensor) -> Tensor:
     """The threshold a stored one names, flagged (``flagged``) or not (where ``stored`` is not
     ``UNKNOWN``)."""
-    return torch.where(stored >= 0, stored, -2 - stored).clamp(0, NUM_BINS)
+    return torch.where(stored >= 0, stored, flagged(stored)).clamp(0, NUM_BINS)  # (its own inverse)
 
 
 def next_threshold_bin(hist: Tensor, density: float, protect: bool, stored: Tensor) -> Tensor:
