@@ -30,11 +30,11 @@ from masked_optim import batches as batching
 from masked_optim import cpu_histogram, scratch
 from masked_optim import threshold as thr
 from masked_optim.functional import (
-    GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, next_thresholds,
+    GroupHyper, GroupStats, TensorState, gate_thresholds, gated, gated_units, math_dtype, next_thresholds,
     threshold_may_be_unknown,
 )
 from masked_optim.layouts import checked_inputs, memory_order_view
-from masked_optim.reference import DELTA, GateBins, importance_signal, math_dtype
+from masked_optim.reference import DELTA, GateBins, importance_signal
 
 # index of each value in the packed scalar tensor; products and differences of hyper-parameters
 # are formed in double on the host, exactly as the reference's Python-float arithmetic does
@@ -334,7 +334,8 @@ class Plan:
     batched: list[bool]  # per tensor: whether it is a member of a batch
 
 
-def prepare_group(tensors: list[TensorState], hyper: GroupHyper, *, grad_scale: Optional[Tensor] = None) -> Plan:
+def prepare_group(tensors: list[TensorState], hyper: GroupHyper, *, grad_scale: Optional[Tensor] = None,
+                  found_inf: Optional[Tensor] = None) -> Plan:
     """Every check of a group's step and every compile it needs, changing nothing: the
     optimizer prepares all groups before it steps the first, so that a bad group leaves every
     group as it was."""

@@ -16,6 +16,11 @@ from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_rows
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic and the moments for a (real) param dtype: fp64 stays, others fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class TensorState:
     """One parameter tensor and its optimizer state, as a backend sees them.
@@ -146,20 +151,7 @@ def prepare(
     tensor: raises what ``masked_adamw`` would. The result goes to ``masked_adamw(plan=...)``
     of the same step. A step over several groups prepares them all first, so that a group that
     cannot step leaves the others unchanged too."""
-    if backend == "torch":
-        from masked_optim import reference
-
-        reference.check_group(tensors)
-        return None
-    if backend == "compile":
-        from masked_optim import compiled
-
-        return compiled.prepare_group(tensors, hyper, grad_scale=grad_scale)
-    if backend == "triton":
-        from masked_optim.kernels import op
-
-        return op.prepare_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
-    raise ValueError(f"Invalid backend: {backend!r}")
+    return _implementation(backend).prepare_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def masked_adamw(
@@ -181,19 +173,22 @@ def masked_adamw(
     """
     if backend in ("torch", "compile") and found_inf is not None and bool(found_inf.item()):
         return None  # host-side backends: the scaler skipped this step, nothing changes at all
+    return _implementation(backend).step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf, plan=plan)
+
+
+def _implementation(backend: str) -> Any:
+    """The module implementing ``backend``: each has ``prepare_group`` and ``step_group`` with
+    the signatures of ``prepare`` and ``masked_adamw`` (imported on first use: the reference
+    must not import the kernels, nor the core import Triton before a group asks for it)."""
     if backend == "torch":
-        from masked_optim import reference
-
-        return reference.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf)
-    if backend == "compile":
-        from masked_optim import compiled
-
-        return compiled.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf, plan=plan)
-    if backend == "triton":
-        from masked_optim.kernels import op
-
-        return op.step_group(tensors, hyper, grad_scale=grad_scale, found_inf=found_inf, plan=plan)
-    raise ValueError(f"Invalid backend: {backend!r}")
+        from masked_optim import reference as implementation
+    elif backend == "compile":
+        from masked_optim import compiled as implementation
+    elif backend == "triton":
+        from masked_optim.kernels import op as implementation
+    else:
+        raise ValueError(f"Invalid backend: {backend!r}")
+    return implementation
 
 
 def observe(tensors: list[TensorState], hyper: GroupHyper, *, backend: str, grad_scale: Optional[Tensor] = None) -> None:

@@ -16,7 +16,6 @@ from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dte
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.layouts import check_dense, is_dense, real_view
 from masked_optim.options import DEFAULTS, IMPORTANCES, _number, importance_dtype_name, validate_group, validate_param
-from masked_optim.reference import math_dtype
 
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: param types stepped as they are (no DTensor shard to take, no complex view)
@@ -283,7 +282,7 @@ class MaskedAdamW(Optimizer):
     def _state_dtype(self, key: str, param: Tensor, group: dict[str, Any]) -> Optional[torch.dtype]:
         """The dtype a state tensor must have (None: whatever it has, e.g. counters)."""
         if key in ("exp_avg", "exp_avg_sq"):
-            return param.dtype if param.is_complex() else math_dtype(param.dtype)
+            return param.dtype if param.is_complex() else functional.math_dtype(param.dtype)
         if key in ("importance", "anchor"):
             return self._importance_dtype(group)
         if key == "anchor_param":

@@ -14,15 +14,12 @@ import torch
 from torch import Tensor
 
 from masked_optim import threshold as thr
-from masked_optim.functional import GroupHyper, GroupStats, TensorState, gate_thresholds, gated, next_thresholds
+from masked_optim.functional import (
+    GroupHyper, GroupStats, TensorState, gate_thresholds, gated, math_dtype, next_thresholds,
+)
 
 #: select's score is s / (a + DELTA); the anchor has mean 1 per unit.
 DELTA = 1e-3
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the arithmetic and the moments for a (real) param dtype: fp64 stays, others fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _value(x: float | Tensor) -> float:
@@ -170,14 +167,22 @@ def check_group(tensors: list[TensorState]) -> None:
                 raise ValueError(f"{name} must have a floating dtype, got {tensor.dtype}")
 
 
+def prepare_group(tensors: list[TensorState], hyper: GroupHyper, *, grad_scale: Optional[Tensor] = None,
+                  found_inf: Optional[Tensor] = None) -> None:
+    """The step's checks (``check_group``), changing nothing; the reference needs no plan."""
+    check_group(tensors)
+
+
 def step_group(
     tensors: list[TensorState],
     hyper: GroupHyper,
     *,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    plan: None = None,
 ) -> Optional[GroupStats]:
-    """One MaskedAdamW step of one param group, in place. Returns device-side counts."""
+    """One MaskedAdamW step of one param group, in place. Returns device-side counts
+    (``found_inf`` is read by the caller, ``functional.masked_adamw``; ``plan`` is unused)."""
     check_group(tensors)
     lr = _value(hyper.lr)
     protect = hyper.mask == "protect"

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from masked_optim import threshold as thr
-from masked_optim.functional import TensorState
+from masked_optim.functional import TensorState, math_dtype
 from masked_optim.layouts import checked_inputs
 from masked_optim.kernels import layout
 
@@ -50,7 +50,7 @@ class BucketKey:
 
     @property
     def math(self) -> torch.dtype:
-        return torch.float64 if self.param == torch.float64 else torch.float32
+        return math_dtype(self.param)
 
 
 @dataclass
@@ -152,7 +152,7 @@ def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
         raise ValueError(f"backend='triton' steps float32, bfloat16, float16 and float64 params, got {param.dtype}")
     if t.grad.dtype not in TRITON_DTYPES:
         raise ValueError(f"backend='triton' cannot read {t.grad.dtype} gradients")
-    math = torch.float64 if param.dtype == torch.float64 else torch.float32
+    math = math_dtype(param.dtype)
     for name in ("exp_avg", "exp_avg_sq"):
         if getattr(t, name).dtype != math:
             raise ValueError(f"backend='triton' needs {name} in {math} for a {param.dtype} param, got {getattr(t, name).dtype}")
