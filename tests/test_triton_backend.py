@@ -10,6 +10,7 @@ transposed (dense, non-contiguous) param. ``tests/test_triton_gpu.py`` runs the 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -50,6 +51,12 @@ CONFIGS = {
     "protect-gate-block-group-scope-nonfinite-scaler": (
         dict(lr=1e-2, density=0.5, mask="protect", gate_block=64, scope="group", anchor_decay=2.0),
         dict(mask="select", gate_block=1024, scope="tensor"), dict(anchor=True, nonfinite=True, scaler=True, dead=True),
+    ),
+    # NaN anchor entries (a checkpoint's, or importance made NaN by propagated grads): the pull
+    # is NaN, as the reference's clamp gives (compiled, a plain minimum would give 1)
+    "select-nan-anchor-restore": (
+        dict(lr=1e-2, density=0.5, importance="fisher", anchor_decay=2.0),
+        dict(mask="protect", density=0.7), dict(anchor=True, nan_anchor=True),
     ),
     "protect-without-anchor-propagate": (
         dict(lr=1e-2, density=0.4, mask="protect", nonfinite="propagate"), dict(mask="select"), dict(),
@@ -123,6 +130,12 @@ def run(backend: str, name: str, device: str, compiled: bool = False, tensor_lr:
     for step in range(STEPS):
         if flags.get("anchor") and step == CONSOLIDATE_AFTER:
             optimizer.consolidate()
+            if flags.get("nan_anchor"):
+                for p in params:
+                    anchor = optimizer.state[p].get("anchor")
+                    if anchor is not None and anchor.numel() > 3:
+                        every_third = torch.arange(anchor.numel(), device=device).reshape(anchor.shape) % 3 == 1
+                        anchor.masked_fill_(every_third, float("nan"))
         scale = 2.0 ** (step + 3) if flags.get("scaler") else 1.0
         set_grads(params, generator, step, flags, scale)
         if flags.get("scaler"):
@@ -151,11 +164,15 @@ def _moved(now: dict, before: dict, index: int) -> torch.Tensor:
     return changed
 
 
-def compare_backends(name: str, device: str, compiled: bool = False) -> None:
+def compare_backends(name: str, device: str, compiled: bool = False, reference_device: Optional[str] = None) -> None:
     """Run ``name`` on both backends and assert they agree after every step (``compiled``: the
-    Triton run's steps are compiled, both runs use Tensor lrs)."""
-    expected_history = run("torch", name, device, tensor_lr=compiled)
+    Triton run's steps are compiled, both runs use Tensor lrs; ``reference_device``: where the
+    reference runs, if not on ``device``: results are compared on the CPU)."""
+    expected_history = run("torch", name, reference_device or device, tensor_lr=compiled)
     actual_history = run("triton", name, device, compiled=compiled, tensor_lr=compiled)
+    if reference_device is not None:
+        expected_history = [({k: v.cpu() for k, v in snap.items()}, stats) for snap, stats in expected_history]
+        actual_history = [({k: v.cpu() for k, v in snap.items()}, stats) for snap, stats in actual_history]
     previous: dict = {}
     previous_actual: dict = {}
     for step, ((expected, expected_stats), (actual, actual_stats)) in enumerate(zip(expected_history, actual_history)):

@@ -60,7 +60,7 @@ def _hyper_table(hyper: GroupHyper, device: torch.device) -> Tensor:
     table = torch.tensor(values, dtype=torch.float64)
     if lr_is_tensor and hyper.lr.device.type == "cpu":
         table[layout.LR : layout.LR + 1].copy_(hyper.lr.detach().reshape(1))
-    table = table.to(device, non_blocking=True)
+    table = tables.to_device(table, device)
     if lr_is_tensor and hyper.lr.device.type != "cpu":
         table[layout.LR : layout.LR + 1].copy_(hyper.lr.detach().reshape(1))
     return table
@@ -88,8 +88,7 @@ def _counters(tensors: list[TensorState], device: torch.device, found_inf: Optio
             f"(found {odd.dtype} of {odd.numel()} elements on {odd.device}): the skipped-step check happens "
             f"on the device. Make state['step'] and state['importance_step'] float32 on the param's device."
         )
-    # (a pageable non-blocking copy is staged at once: no host wait for the queued kernels)
-    copies = torch.stack([c.detach().reshape(()).float() for t in tensors for c in (t.step, t.importance_step)]).to(device, non_blocking=True)
+    copies = tables.to_device(torch.stack([c.detach().reshape(()).float() for t in tensors for c in (t.step, t.importance_step)]), device)
     return [(copies[2 * i], copies[2 * i + 1]) for i in range(len(tensors))], True
 
 

@@ -406,7 +406,9 @@ def _step_elements(
             theta_star = tl.load(anchor_param_pointer + offsets).to(MATH_DTYPE)
         else:
             theta_star = tl.load(anchor_param_pointer + offsets, mask=restoring, other=0).to(MATH_DTYPE)
-        pull = tl.minimum(anchor.to(MATH_DTYPE) * (lr * anchor_decay).to(MATH_DTYPE), 1.0)
+        # NaN propagates, as in the reference's clamp (compiled, min.f32 would return 1.0)
+        pull = tl.minimum(anchor.to(MATH_DTYPE) * (lr * anchor_decay).to(MATH_DTYPE), 1.0,
+                          propagate_nan=tl.PropagateNan.ALL)
         pulled = tl.where(anchor_decay != 0, arith.lerp(theta, theta_star, pull, MATH_DTYPE, EMULATE_FMA), theta)
 
     # SPEC step 5b: AdamW (reference.adamw_update, torch's single-tensor arithmetic)
@@ -450,6 +452,10 @@ def _step_elements(
         tl.store(param_pointer + offsets, tl.where(moving, arith.round_for_store(new_theta, PARAM_DTYPE), stored_theta), mask=io)
         tl.store(exp_avg_pointer + offsets, tl.where(moving, exp_avg, old_exp_avg), mask=io)
         tl.store(exp_avg_sq_pointer + offsets, tl.where(moving, exp_avg_sq, old_exp_avg_sq), mask=io)
-    tl.atomic_add(counts_pointer + _UPDATED, tl.sum(moving.to(tl.int64)), sem="relaxed")
-    tl.atomic_add(counts_pointer + _FROZEN, tl.sum((mask & (gate == 0)).to(tl.int64)), sem="relaxed")
-    tl.atomic_add(counts_pointer + _SKIPPED, tl.sum((mask & (live == 0)).to(tl.int64)), sem="relaxed")
+    # one atomic per count and program, left out where it adds 0 (frozen and skipped mostly do)
+    updated = tl.sum(moving.to(tl.int64))
+    frozen = tl.sum((mask & (gate == 0)).to(tl.int64))
+    skipped = tl.sum((mask & (live == 0)).to(tl.int64))
+    tl.atomic_add(counts_pointer + _UPDATED, updated, mask=updated > 0, sem="relaxed")
+    tl.atomic_add(counts_pointer + _FROZEN, frozen, mask=frozen > 0, sem="relaxed")
+    tl.atomic_add(counts_pointer + _SKIPPED, skipped, mask=skipped > 0, sem="relaxed")

@@ -187,11 +187,13 @@ def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A table built on the host, on ``device``: to CUDA through pinned memory without waiting
-    (a copy from pageable memory waits for the device's queued work: a host sync on every
-    table rebuild; torch's pinned-memory allocator keeps the buffer until the copy is done)."""
-    if device.type != "cuda":
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A tensor built on the host, on ``device``: to CUDA through pinned memory without waiting
+    (a copy from pageable memory may wait for the device's queued work, CUDA's documentation
+    says: a host sync that would stop the host running ahead of the device; torch's
+    pinned-memory allocator keeps the buffer until the copy is done). The launcher's
+    per-step hyper table and copied counters go through here too."""
+    if device.type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
@@ -248,16 +250,16 @@ def group_tables(
     for key, members in zip(order, bucket_rows):
         blocks = [-(-rows[i][layout.NUMEL] // block) for i in members]
         block_table = torch.repeat_interleave(torch.tensor(members, dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64))
-        buckets.append(Bucket(key=key, block_table=_to_device(block_table, device), blocks=sum(blocks)))
+        buckets.append(Bucket(key=key, block_table=to_device(block_table, device), blocks=sum(blocks)))
     elements = sum(row[layout.NUMEL] for row in rows)
     tables = GroupTables(
-        tensor_table=_to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), layout.TENSOR_FIELDS), device),
-        unit_table=_to_device(torch.tensor(units, dtype=torch.int64).reshape(len(units), 2), device),
+        tensor_table=to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), layout.TENSOR_FIELDS), device),
+        unit_table=to_device(torch.tensor(units, dtype=torch.int64).reshape(len(units), 2), device),
         unknown_thresholds=torch.full((len(units),), thr.UNKNOWN, dtype=torch.int64, device=device),
-        fresh_counts=_to_device(torch.tensor([elements] + [0] * (layout.COUNT_FIELDS - 1), dtype=torch.int64), device),
+        fresh_counts=to_device(torch.tensor([elements] + [0] * (layout.COUNT_FIELDS - 1), dtype=torch.int64), device),
         buckets=buckets, tensor_count=len(rows), unit_count=len(units),
     )
-    if device.type == "cuda":  # the copies went to the device's current stream (``_to_device``)
+    if device.type == "cuda":  # the copies went to the device's current stream (``to_device``)
         tables.copied = torch.cuda.Event()
         tables.copied.record(torch.cuda.current_stream(device))
     _cache[cache_key] = tables
