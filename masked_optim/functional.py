@@ -124,13 +124,12 @@ def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: T
     if previous is None:
         return GroupStats(current.elements, current.updated, current.frozen, current.skipped, current.thresholds,
                           current.units, skipped, current.masked)
-    keep = [torch.where(skipped, old, new) for old, new in (
-        (previous.elements, current.elements), (previous.updated, current.updated),
-        (previous.frozen, current.frozen), (previous.skipped, current.skipped),
-    )]
+    # stacked: one where per kind, not one per count and unit (GPT-2 has ~150 units)
+    keep = torch.where(skipped, torch.stack([previous.elements, previous.updated, previous.frozen, previous.skipped]),
+                       torch.stack([current.elements, current.updated, current.frozen, current.skipped])).unbind(0)
     thresholds = current.thresholds
-    if len(previous.thresholds) == len(thresholds):
-        thresholds = [torch.where(skipped, old, new) for old, new in zip(previous.thresholds, thresholds)]
+    if thresholds and len(previous.thresholds) == len(thresholds):
+        thresholds = list(torch.where(skipped, torch.stack(previous.thresholds), torch.stack(thresholds)).unbind(0))
     never_taken = None if previous.never_taken is None else previous.never_taken & skipped
     masked = current.masked
     if previous.masked is not None or masked is not None:
