@@ -184,6 +184,58 @@ def run_case(case: Case, device: str, repeats: int, tiny: bool, failures: list[d
     return rows
 
 
+#: (num_warps, elements per program) of the Triton step on CUDA: the first is the default;
+#: the others were suggested by reading ptxas' report (164-168 registers a thread at 4 warps,
+#: ~114 at 8, fewer layout conversions through shared memory) but never timed
+LAUNCH_VARIANTS = [(4, 1024), (8, 1024), (8, 2048)]
+
+
+def launch_variants(device: str, tiny: bool, repeats: int, failures: list[dict]) -> list[dict]:
+    """The Triton step at 64M fp32 elements (tiny: 3000), density 1 and 0.1, under each of
+    ``LAUNCH_VARIANTS``, timed round-robin; each row has its ratio to the default variant and
+    whether its params ended bit for bit equal to the first variant's (they must: the
+    arithmetic is element-wise and the histogram a count)."""
+    from masked_optim.kernels import launch
+
+    key = "cpu" if device == "cpu" else "cuda"
+    default = (launch._NUM_WARPS, launch._BLOCK[key])
+    rows = []
+    for density in (1.0, 0.1):
+        case = Case(f"one tensor {3000 if tiny else 1 << 26}", [(3000 if tiny else 1 << 26,)], torch.float32, density)
+        fns, params = {}, {}
+        for warps, block in LAUNCH_VARIANTS:
+            name = f"warps {warps} block {block}"
+            params[name] = make_params(case, device)
+            optimizer = make_optimizer("masked_triton", params[name], density)
+
+            def step(optimizer=optimizer, warps=warps, block=block):
+                launch._NUM_WARPS, launch._BLOCK[key] = warps, block
+                try:
+                    optimizer.step()
+                finally:
+                    launch._NUM_WARPS, launch._BLOCK[key] = default
+            fns[name] = step
+        try:
+            for fn in fns.values():  # steps 2 and 3 build variants step 1 does not
+                for _ in range(3):
+                    fn()
+            synchronize(device)
+            medians = interleaved_medians(fns, device, repeats)
+        except Exception as error:  # noqa: BLE001 - a variant that fails is data
+            _failed(failures, case, "masked_triton launch variants", error)
+            continue
+        baseline = medians[f"warps {default[0]} block {default[1]}"] if (default in LAUNCH_VARIANTS) else None
+        first = params[next(iter(params))][0]
+        for name, seconds in medians.items():  # every variant took as many steps from the same start
+            rows.append(dict(case=case.name, density=density, variant=name, seconds=seconds,
+                             ratio_to_default=None if baseline is None else seconds / baseline,
+                             same_params_as_first=bool(torch.equal(params[name][0], first))))
+        del fns, params
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     args = ARGS or _parse()
     device = args.device
@@ -214,6 +266,10 @@ def main() -> None:
             row["fraction_of_copy"] = row["gbps"] / result["copy_gbps"]
             result["rows"].append(row)
         _write(result, path)  # after every case: a run cut short keeps what it measured
+    if time.monotonic() - started <= args.budget_s:
+        result["launch_variants"] = launch_variants(device, args.tiny, repeats, result["failures"])
+    else:
+        result.setdefault("skipped_cases", []).append("launch variants")
     result["complete"] = True
     _write(result, path)
     print_table(result)
@@ -247,6 +303,10 @@ def print_table(result: dict) -> None:
             f" {(row['host_seconds'] or float('nan')) * 1e3:>8.3f}"
             f" {row['gbps']:>8.1f} {100 * row['fraction_of_copy']:>6.1f} {row.get('ratio_to_torch_adamw_fused', float('nan')):>8.2f}"
         )
+    for row in result.get("launch_variants", []):
+        ratio = row["ratio_to_default"]
+        print(f"launch {row['case']:<22} {row['density']:>4} {row['variant']:<20} {row['seconds'] * 1e3:>9.3f} ms"
+              f"  {'' if ratio is None else f'{ratio:.2f}x default'}{'' if row['same_params_as_first'] else '  PARAMS DIFFER'}")
     for failure in result.get("failures", []):
         print(f"FAILED {failure['case']} {failure['dtype']} {failure['density']} {failure['impl']}: {failure['error'][:200]}")
 

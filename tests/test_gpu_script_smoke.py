@@ -24,6 +24,8 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
             "masked_triton_blocks"} <= impls
     assert {"torch.float32 torch.compile", "torch.float32 gate_block=32"} <= set(result["correctness"])
     assert all(row["seconds"] > 0 and row["host_seconds"] > 0 and row["bytes_per_element"] > 0 for row in result["rows"])
+    variants = result["launch_variants"]  # each (num_warps, block) of the Triton step, at both densities
+    assert len(variants) == 6 and all(row["seconds"] > 0 and row["same_params_as_first"] for row in variants), variants
     log = (tmp_path / "gpu_run.log").read_text()
     assert "copy bandwidth" in log and "wrote" in log and "gpu_run.py exit status 0" in log
     assert "gpu tests exit status 0" in (tmp_path / "gpu_tests.log").read_text()
