@@ -22,6 +22,13 @@ STATE_SETS = (("step", "exp_avg", "exp_avg_sq"), ("importance", "importance_step
 #: checkpoint with one is another optimizer's even when it holds no state (SGD without momentum)
 FOREIGN_OPTIONS = ("momentum", "dampening", "nesterov", "alpha", "centered", "lr_decay", "initial_accumulator_value",
                    "rho", "momentum_decay")
+#: per-param state entries of torch's other optimizers (SGD, RMSprop, Adagrad, Adadelta, Adamax,
+#: ASGD, NAdam, Rprop, Adafactor; AMSGrad's): a checkpoint with one is another optimizer's. Other
+#: entries a MaskedAdamW does not keep (a wrapper's, e.g. timm's Lookahead keeps its slow
+#: weights in its base optimizer's state) load and are saved again untouched, as torch's
+#: optimizers carry them
+FOREIGN_STATE = ("momentum_buffer", "max_exp_avg_sq", "sum", "square_avg", "acc_delta", "grad_avg", "exp_inf", "eta",
+                 "mu", "ax", "mu_product", "prev", "step_size", "row_var", "col_var", "variance")
 
 
 def layout_like(key: str, param: Tensor) -> Optional[Tensor]:
@@ -57,12 +64,6 @@ def check(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dic
     saved_groups = state_dict["param_groups"]
     current_groups = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
     for index, (saved, current) in enumerate(zip(saved_groups, current_groups)):
-        if saved.get("amsgrad"):
-            raise ValueError(f"Invalid checkpoint: param group {index} has amsgrad=True (MaskedAdamW has no "
-                             "AMSGrad; its max_exp_avg_sq would be ignored)")
-        if saved.get("decoupled_weight_decay") is False and _number("weight_decay", saved.get("weight_decay", 0.0)) != 0.0:
-            raise ValueError(f"Invalid checkpoint: param group {index} has decoupled_weight_decay=False and "
-                             f"weight_decay={saved['weight_decay']} (Adam's L2 decay; MaskedAdamW's decay is AdamW's)")
         foreign = [key for key in FOREIGN_OPTIONS if key in saved]
         if foreign:
             raise ValueError(f"Invalid checkpoint: param group {index} has {', '.join(map(repr, foreign))}, which "
@@ -79,7 +80,7 @@ def check(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dic
             if "step" not in state and any(key in state for key in ("exp_avg", "exp_avg_sq")):
                 raise ValueError(f"Invalid checkpoint: the state of param {pid} has moments but no 'step'")
             for key in state:
-                if key not in STATE_KEYS:
+                if key in FOREIGN_STATE:
                     raise ValueError(f"Invalid checkpoint: state[{pid!r}] has {key!r}, which MaskedAdamW does not "
                                      "keep (the state of another optimizer?)")
             for keys in STATE_SETS:
@@ -90,7 +91,7 @@ def check(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dic
             if "anchor_param" in state and "anchor" not in state:
                 raise ValueError(f"Invalid checkpoint: state[{pid!r}] has 'anchor_param' but no 'anchor'")
             for key, value in state.items():
-                if key not in ("step", "importance_step", "threshold_for") and not isinstance(value, Tensor):
+                if key in STATE_KEYS and key not in ("step", "importance_step", "threshold_for") and not isinstance(value, Tensor):
                     raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] must be a Tensor, got "
                                      f"{type(value).__name__}")
             if "threshold" in state and state["threshold"].numel() != 1:

@@ -92,18 +92,6 @@ def _in_importance_dtype(state: dict[str, Any], dtype: torch.dtype) -> dict[str,
     return {k: state[k].to(dtype) for k in ("importance", "anchor") if k in state and state[k].dtype != dtype}
 
 
-def _check_adamw_flags(**flags: Any) -> None:
-    """torch.optim.AdamW's implementation flags: speed hints taken (None or a bool), variants
-    MaskedAdamW does not have refused (ValueError naming the flag and value)."""
-    for name, value in flags.items():
-        hint = name in ("foreach", "fused")
-        if not (isinstance(value, bool) or (hint and value is None)):
-            raise ValueError(f"Invalid {name}: {value!r} (must be a bool{' or None' if hint else ''})")
-        if value and not hint:
-            raise ValueError(f"Invalid {name}: True (MaskedAdamW has no {name} variant; it takes the flag for "
-                             "torch.optim.AdamW compatibility, False only)")
-
-
 def _warn_without_anchor_param(index: int) -> None:
     """A restoring force asked for after the boundary that would have kept its target."""
     warnings.warn(
@@ -219,13 +207,14 @@ class MaskedAdamW(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        _check_adamw_flags(amsgrad=amsgrad, foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, mask=mask,
             importance=importance, importance_beta=importance_beta,
             protect_strength=protect_strength, anchor_decay=anchor_decay, scope=scope,
             maximize=maximize, nonfinite=nonfinite, backend=backend,
             importance_dtype=importance_dtype_name(importance_dtype), gate_block=gate_block,
+            amsgrad=amsgrad, foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
+            decoupled_weight_decay=True,
         )
         validate_group(defaults)
         self._last_stats: list[Optional[GroupStats]] = []

@@ -35,6 +35,16 @@ DEFAULTS: dict[str, Any] = dict(
     backend="auto",
     importance_dtype="float32",
     gate_block=1,
+    # torch.optim.AdamW's implementation flags, kept in each group as AdamW keeps them (code
+    # written for it reads them): ``foreach`` and ``fused`` are hints (the backend chooses; the
+    # constructor's fused=True makes the step unscale a GradScaler's grads itself), the others
+    # name variants MaskedAdamW does not have, so they must stay at AdamW's defaults
+    amsgrad=False,
+    foreach=None,
+    fused=None,
+    capturable=False,
+    differentiable=False,
+    decoupled_weight_decay=True,
 )
 
 #: largest ``gate_block``: it must divide the Triton kernel's block (1024 elements on CUDA)
@@ -114,6 +124,29 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
         raise ValueError(f"Invalid gate_block: {gate_block!r} (must be a power of two in [1, {MAX_GATE_BLOCK}])")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool)")
+    validate_adamw_flags(group, read_tensors)
+
+
+def validate_adamw_flags(group: dict[str, Any], read_tensors: bool = True) -> None:
+    """torch.optim.AdamW's implementation flags in ``group`` (absent ones are not checked):
+    speed hints taken (None or a bool), variants MaskedAdamW does not have refused. Adam's
+    ``decoupled_weight_decay=False`` is refused unless ``weight_decay`` is 0 (then Adam's
+    step is AdamW's; ``read_tensors``: as ``validate_group``'s)."""
+    for name in ("amsgrad", "foreach", "fused", "capturable", "differentiable"):
+        if name not in group:
+            continue
+        value, hint = group[name], name in ("foreach", "fused")
+        if not (isinstance(value, bool) or (hint and value is None)):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a bool{' or None' if hint else ''})")
+        if value and not hint:
+            raise ValueError(f"Invalid {name}: True (MaskedAdamW has no {name} variant; it takes the flag for "
+                             "torch.optim.AdamW compatibility, False only)")
+    decoupled = group.get("decoupled_weight_decay", True)
+    if not isinstance(decoupled, bool):
+        raise ValueError(f"Invalid decoupled_weight_decay: {decoupled!r} (must be a bool)")
+    if not decoupled and _number("weight_decay", group["weight_decay"], read_tensors) != 0.0:
+        raise ValueError(f"Invalid decoupled_weight_decay: False with weight_decay={group['weight_decay']} (Adam's "
+                         "L2 decay; MaskedAdamW's decay is AdamW's, decoupled)")
 
 
 def validate_param(param: Tensor) -> None:

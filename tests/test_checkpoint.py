@@ -209,8 +209,9 @@ def test_each_group_keeps_the_backend_it_was_built_with():
 
 
 @pytest.mark.parametrize("foreign, message", [
-    (lambda params: torch.optim.AdamW(params, amsgrad=True), r"amsgrad=True"),
-    (lambda params: torch.optim.Adam(params, weight_decay=0.1), r"decoupled_weight_decay=False and weight_decay=0.1"),
+    (lambda params: torch.optim.AdamW(params, amsgrad=True), r"param group 0: Invalid amsgrad: True"),
+    (lambda params: torch.optim.Adam(params, weight_decay=0.1),
+     r"param group 0: Invalid decoupled_weight_decay: False with weight_decay=0.1 \(Adam's L2"),
 ])
 def test_foreign_checkpoint_whose_options_masked_adamw_would_ignore_is_refused(foreign, message):
     params, ours = _trained()
@@ -269,6 +270,37 @@ def test_malformed_state_is_refused_before_any_change(edit, message):
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(saved)
     assert_bitwise_equal(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_a_wrappers_state_entries_load_and_ride_along(backend):
+    """Per-param entries MaskedAdamW does not keep and no torch optimizer has (timm's Lookahead
+    keeps its slow weights in its base optimizer's state) load, are saved again as they were,
+    and change no step, as with torch's optimizers; torch's other optimizers' entries are
+    refused (test_malformed_state_is_refused_before_any_change)."""
+    params, source = _trained(backend=backend)
+    saved = source.state_dict()
+    plain = copy.deepcopy(saved)
+    for pid, entry in saved["state"].items():
+        entry["lookahead_slow_buff"] = torch.full(params[pid].shape, float(pid), dtype=torch.float64)
+        entry["lookahead_count"] = 7
+    with_extras, without = MaskedAdamW(params, backend=backend, **CONFIG), MaskedAdamW(
+        [torch.nn.Parameter(p.detach().clone()) for p in params], backend=backend, **CONFIG)
+    with_extras.load_state_dict(saved)
+    without.load_state_dict(plain)
+    for pid, p in enumerate(params):
+        slow = with_extras.state[p]["lookahead_slow_buff"]
+        assert slow.dtype == torch.float64 and torch.equal(slow, saved["state"][pid]["lookahead_slow_buff"])
+        assert slow is not saved["state"][pid]["lookahead_slow_buff"] and with_extras.state[p]["lookahead_count"] == 7
+    resaved = with_extras.state_dict()
+    assert all(torch.equal(resaved["state"][pid]["lookahead_slow_buff"], entry["lookahead_slow_buff"])
+               for pid, entry in saved["state"].items())
+    twins = without.param_groups[0]["params"]
+    for opt, ps in ((with_extras, params), (without, twins)):
+        _run(ps, opt, torch.Generator().manual_seed(21), 2)
+    extras = ("lookahead_slow_buff", "lookahead_count")
+    stepped = {key: value for key, value in snapshot(with_extras).items() if key[1] not in extras}
+    assert_bitwise_equal(stepped, snapshot(without))
 
 
 def test_counters_are_the_optimizers_own_float32_tensors():

@@ -75,6 +75,30 @@ def test_adamw_keyword_arguments_are_taken_as_written_for_adamw():
     assert flagged.param_groups[0].keys() == plain.param_groups[0].keys()
 
 
+def test_groups_keep_adamws_flags_and_a_variant_set_later_is_refused_at_the_step():
+    """Every key of torch.optim.AdamW's defaults is in each group, as AdamW keeps it (code
+    written for it reads ``defaults["fused"]`` or ``group["foreach"]``); a variant switched on
+    in a group later is refused by the next step before anything changes."""
+    param = torch.nn.Parameter(torch.randn(5))
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.randn(5))], fused=False)
+    opt = MaskedAdamW([param], fused=False)
+    assert set(adamw.defaults) <= set(opt.defaults) and set(adamw.param_groups[0]) <= set(opt.param_groups[0])
+    assert opt.defaults["fused"] is False and opt.param_groups[0]["amsgrad"] is False
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    param.grad = torch.randn(5)
+    before = param.detach().clone()
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError, match=r"Invalid amsgrad: True \(MaskedAdamW has no amsgrad variant"):
+        opt.step()
+    opt.param_groups[0].update(amsgrad=False, decoupled_weight_decay=False)
+    with pytest.raises(ValueError, match=r"Invalid decoupled_weight_decay: False with weight_decay=0.01"):
+        opt.step()
+    assert torch.equal(param.detach(), before) and not opt.state
+    opt.param_groups[0]["weight_decay"] = 0.0  # Adam without weight decay is AdamW without it
+    opt.step()
+    assert not torch.equal(param.detach(), before)
+
+
 @pytest.mark.parametrize("options, error, message", BAD_OPTIONS)
 def test_bad_group_is_not_added(options, error, message):
     opt = MaskedAdamW([torch.zeros(3, requires_grad=True)])
