@@ -15,7 +15,9 @@ from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dtensor, local, shard_groups, sharded_like
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.layouts import check_dense, is_dense, real_view
-from masked_optim.options import DEFAULTS, IMPORTANCES, _number, importance_dtype_name, validate_group, validate_param
+from masked_optim.options import (
+    DEFAULTS, IMPORTANCES, _number, adamw_flag, importance_dtype_name, validate_group, validate_param,
+)
 
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: param types stepped as they are (no DTensor shard to take, no complex view)
@@ -207,14 +209,14 @@ class MaskedAdamW(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
+        adamw_flag("capturable", capturable)  # (not kept: see options.DEFAULTS)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, mask=mask,
             importance=importance, importance_beta=importance_beta,
             protect_strength=protect_strength, anchor_decay=anchor_decay, scope=scope,
             maximize=maximize, nonfinite=nonfinite, backend=backend,
             importance_dtype=importance_dtype_name(importance_dtype), gate_block=gate_block,
-            amsgrad=amsgrad, foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
-            decoupled_weight_decay=True,
+            amsgrad=amsgrad, foreach=foreach, fused=fused, differentiable=differentiable, decoupled_weight_decay=True,
         )
         validate_group(defaults)
         self._last_stats: list[Optional[GroupStats]] = []

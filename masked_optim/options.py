@@ -38,11 +38,12 @@ DEFAULTS: dict[str, Any] = dict(
     # torch.optim.AdamW's implementation flags, kept in each group as AdamW keeps them (code
     # written for it reads them): ``foreach`` and ``fused`` are hints (the backend chooses; the
     # constructor's fused=True makes the step unscale a GradScaler's grads itself), the others
-    # name variants MaskedAdamW does not have, so they must stay at AdamW's defaults
+    # name variants MaskedAdamW does not have, so they must stay at AdamW's defaults. Not
+    # ``capturable`` (False only, checked by the constructor): Dynamo sets a group's
+    # ``capturable`` to True when it traces a step, which would claim CUDA-graph capture
     amsgrad=False,
     foreach=None,
     fused=None,
-    capturable=False,
     differentiable=False,
     decoupled_weight_decay=True,
 )
@@ -128,25 +129,31 @@ def validate_group(group: dict[str, Any], read_tensors: bool = True) -> None:
 
 
 def validate_adamw_flags(group: dict[str, Any], read_tensors: bool = True) -> None:
-    """torch.optim.AdamW's implementation flags in ``group`` (absent ones are not checked):
-    speed hints taken (None or a bool), variants MaskedAdamW does not have refused. Adam's
+    """torch.optim.AdamW's implementation flags in ``group`` (absent ones are not checked;
+    ``capturable`` never is, as Dynamo's view of a traced step's groups has it True):
+    speed hints taken, variants MaskedAdamW does not have refused (``adamw_flag``). Adam's
     ``decoupled_weight_decay=False`` is refused unless ``weight_decay`` is 0 (then Adam's
     step is AdamW's; ``read_tensors``: as ``validate_group``'s)."""
-    for name in ("amsgrad", "foreach", "fused", "capturable", "differentiable"):
-        if name not in group:
-            continue
-        value, hint = group[name], name in ("foreach", "fused")
-        if not (isinstance(value, bool) or (hint and value is None)):
-            raise ValueError(f"Invalid {name}: {value!r} (must be a bool{' or None' if hint else ''})")
-        if value and not hint:
-            raise ValueError(f"Invalid {name}: True (MaskedAdamW has no {name} variant; it takes the flag for "
-                             "torch.optim.AdamW compatibility, False only)")
+    for name in ("amsgrad", "foreach", "fused", "differentiable"):
+        if name in group:
+            adamw_flag(name, group[name])
     decoupled = group.get("decoupled_weight_decay", True)
     if not isinstance(decoupled, bool):
         raise ValueError(f"Invalid decoupled_weight_decay: {decoupled!r} (must be a bool)")
     if not decoupled and _number("weight_decay", group["weight_decay"], read_tensors) != 0.0:
         raise ValueError(f"Invalid decoupled_weight_decay: False with weight_decay={group['weight_decay']} (Adam's "
                          "L2 decay; MaskedAdamW's decay is AdamW's, decoupled)")
+
+
+def adamw_flag(name: str, value: Any) -> None:
+    """One of torch.optim.AdamW's flags: ``foreach``/``fused`` are hints (None or a bool), the
+    others (``amsgrad``, ``capturable``, ``differentiable``) False only (ValueError)."""
+    hint = name in ("foreach", "fused")
+    if not (isinstance(value, bool) or (hint and value is None)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a bool{' or None' if hint else ''})")
+    if value and not hint:
+        raise ValueError(f"Invalid {name}: True (MaskedAdamW has no {name} variant; it takes the flag for "
+                         "torch.optim.AdamW compatibility, False only)")
 
 
 def validate_param(param: Tensor) -> None:
