@@ -184,6 +184,53 @@ def run_case(case: Case, device: str, repeats: int, tiny: bool, failures: list[d
     return rows
 
 
+def host_blocking(device: str) -> dict:
+    """Whether a Triton step waits for the device: with ~0.5 s of work queued ahead of it
+    (``torch.cuda._sleep``), the host time of a steady step, of a step whose tables are rebuilt
+    (a new grad tensor) and of a step under a fused GradScaler, against the queued time. A step
+    that returns in a small fraction of it runs ahead of the device, as it should (a pageable
+    host-to-device copy may wait: the launcher copies through pinned memory). CUDA only."""
+    if not device.startswith("cuda"):
+        return {}
+    params = make_params(Case("one tensor", [(1 << 20,)], torch.float32, 0.1), device)
+    optimizer = MaskedAdamW(params, lr=1e-3, density=0.1, backend="triton", fused=True)
+    for _ in range(3):
+        optimizer.step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10**8)
+    end.record()
+    torch.cuda.synchronize()
+    cycles = int(10**8 * 500.0 / max(start.elapsed_time(end), 1e-3))  # ~0.5 s of sleep
+
+    def grad_rebuilt():
+        params[0].grad = params[0].grad.clone()
+        optimizer.step()
+
+    def scaled():
+        optimizer.grad_scale = torch.ones(1, device=device)
+        optimizer.found_inf = torch.zeros(1, device=device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+
+    out = {}
+    for name, fn in (("steady", optimizer.step), ("tables rebuilt", grad_rebuilt), ("fused scaler", scaled)):
+        torch.cuda.synchronize()
+        queued = time.perf_counter()
+        torch.cuda._sleep(cycles)
+        issued = time.perf_counter()
+        fn()
+        returned = time.perf_counter()
+        torch.cuda.synchronize()
+        done = time.perf_counter()
+        out[name] = dict(step_host_seconds=returned - issued, queued_seconds=done - queued,
+                         ran_ahead=(returned - issued) < 0.1 * (done - queued))
+    return out
+
+
 #: (num_warps, elements per program) of the Triton step on CUDA: the first is the default;
 #: the others were suggested by reading ptxas' report (164-168 registers a thread at 4 warps,
 #: ~114 at 8, fewer layout conversions through shared memory) but never timed
@@ -254,6 +301,11 @@ def main() -> None:
     result["correctness"] = correctness(device, args.tiny)
     _write(result, path)
     torch._dynamo.reset()
+    try:
+        result["host_blocking"] = host_blocking(device)
+    except Exception as error:  # noqa: BLE001 - a failed check is data
+        result["host_blocking"] = dict(error=_describe(error))
+    _write(result, path)
     result["copy_gbps"] = copy_bandwidth(device, 1 << 12 if args.tiny else (1 << 24 if device == "cpu" else 1 << 28))
     result["rows"] = []
     result["failures"] = []
@@ -295,6 +347,8 @@ def print_table(result: dict) -> None:
     print(f"\n{result['device']}  torch {result['torch']}  triton {result['triton']}  {result['date']}")
     print(f"correctness: {json.dumps(result['correctness'])}")
     print(f"copy bandwidth: {result['copy_gbps']:.1f} GB/s")
+    if result.get("host_blocking"):
+        print(f"host blocking: {json.dumps(result['host_blocking'])}")
     header = f"{'case':<22} {'dtype':<8} {'dens':>4} {'impl':<20} {'ms':>9} {'host ms':>8} {'GB/s':>8} {'%copy':>6} {'x fused':>8}"
     print(header)
     for row in result["rows"]:
