@@ -79,6 +79,19 @@ def _threshold_key(group: dict[str, Any]) -> float:
 _STALE = 0.0
 
 
+def _members_left(params: list[Tensor], stepped: list[int], state_of: dict) -> bool:
+    """Whether a member of a group-scope unit that took part in its last step (its stored
+    threshold is not ``_STALE``) has no grad in this one: the unit's population changed, so its
+    stored threshold, taken over the old population, is unknown for the new one (a protect
+    threshold would miss its density for as long as the member stays away; a select one for a
+    step)."""
+    taken = set(stepped)
+    return any(
+        position not in taken and param in state_of and state_of[param].get("threshold_for", _STALE) != _STALE
+        for position, param in enumerate(params)
+    )
+
+
 def _mark_missed(params: list[Tensor], stepped: list[int], state_of: dict) -> None:
     """Mark ``_STALE`` the stored thresholds of ``params`` not at positions ``stepped``."""
     taken = set(stepped)
@@ -429,22 +442,26 @@ class MaskedAdamW(Optimizer):
             if backend == "compile" and group["backend"] == "auto" and not all(is_dense(t.param) for t in tensors):
                 backend = "torch"  # the compile backend steps dense params only
             hyper = GroupHyper.from_group(group)
-            if hyper.scope == "group" and _unit_changed(states, _threshold_key(group)):
+            left = hyper.scope == "group" and _members_left(group["params"], positions, self.state)
+            if hyper.scope == "group" and (left or _unit_changed(states, _threshold_key(group))):
                 for t in tensors:  # the step resets the unit's thresholds (_forget_stale_thresholds)
                     t.threshold_known = False
             if hyper.anchor_decay > 0 and not torch.compiler.is_compiling() \
                     and any(t.anchor is not None and t.anchor_param is None for t in tensors):
                 _warn_without_anchor_param(index)  # (eager steps only: Dynamo refuses warnings.warn)
             plan = functional.prepare(tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
-            steps.append((positions, tensors, states, fresh, backend, hyper, plan))
+            steps.append((positions, tensors, states, fresh, backend, hyper, plan, left))
         stats: list[Optional[GroupStats]] = []
         for index, (group, prepared) in enumerate(zip(self.param_groups, steps)):
             previous = self._last_stats[index] if index < len(self._last_stats) else None
             if prepared is None:
                 stats.append(previous)
                 continue
-            positions, tensors, states, fresh, backend, hyper, plan = prepared
+            positions, tensors, states, fresh, backend, hyper, plan, left = prepared
             self._keep_fresh(fresh)
+            if left:  # a member left the unit: its threshold is derived afresh from this step's scores
+                for state in states:
+                    state["threshold_for"] = _STALE
             _forget_stale_thresholds(states, _threshold_key(group), hyper.scope == "group")
             result = functional.masked_adamw(
                 tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf, plan=plan,
