@@ -442,7 +442,8 @@ class MaskedAdamW(Optimizer):
             if backend == "compile" and group["backend"] == "auto" and not all(is_dense(t.param) for t in tensors):
                 backend = "torch"  # the compile backend steps dense params only
             hyper = GroupHyper.from_group(group)
-            left = hyper.scope == "group" and _members_left(group["params"], positions, self.state)
+            left = hyper.scope == "group" and len(positions) < len(group["params"]) \
+                and _members_left(group["params"], positions, self.state)
             if hyper.scope == "group" and (left or _unit_changed(states, _threshold_key(group))):
                 for t in tensors:  # the step resets the unit's thresholds (_forget_stale_thresholds)
                     t.threshold_known = False
