@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from masked_optim import threshold as thr
 from masked_optim.distributed import all_reduce_rows
@@ -106,13 +107,32 @@ class GroupStats:
     masked: Optional[Tensor] = None
 
 
+#: user mask -> (its version counter, the elements it holds): masks change only through
+#: ``set_mask`` (a new tensor) or in place (a new version), so a steady step counts none
+_held_counts = WeakIdKeyDictionary()
+
+
+def _held(mask: Tensor) -> Tensor:
+    """How many elements ``mask`` holds (False entries), as an int64 on its device, counted
+    again only when the mask is new or was changed in place (its version counter moved)."""
+    if torch.compiler.is_compiling():  # (a traced step counts every time: no Python cache)
+        return mask.numel() - torch.count_nonzero(mask)
+    cached = _held_counts.get(mask)
+    if cached is None or cached[0] != mask._version:
+        cached = (mask._version, mask.numel() - torch.count_nonzero(mask))
+        _held_counts[mask] = cached
+    return cached[1]
+
+
 def masked_count(tensors: list[TensorState]) -> Optional[Tensor]:
     """How many elements of ``tensors`` their user masks hold (int64 on the device, no sync), or
-    None when none has a mask."""
-    masks = [t.user_mask for t in tensors if t.user_mask is not None]
-    if not masks:
+    None when none has a mask. Each mask is counted once, not every step (``_held``): per
+    mask a reduction and a subtraction had cost ~2 ms of launches a step with masks on GPT-2
+    small's 148 tensors."""
+    held = [_held(t.user_mask) for t in tensors if t.user_mask is not None]
+    if not held:
         return None
-    return sum(mask.numel() - torch.count_nonzero(mask) for mask in masks)
+    return held[0] if len(held) == 1 else torch.stack(held).sum()
 
 
 def last_taken(previous: Optional[GroupStats], current: GroupStats, found_inf: Tensor) -> GroupStats:

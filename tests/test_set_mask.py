@@ -82,3 +82,28 @@ def test_realised_density_is_a_fraction_of_the_allowed_elements(backend, mask_ki
     assert stats["frozen"] >= held
     assert stats["realised_density"] == (stats["elements"] - stats["frozen"]) / (stats["elements"] - held)
     assert abs(stats["realised_density"] - density) <= max(0.1 * density, 0.002), stats
+
+
+def test_held_elements_are_counted_once_and_again_after_an_in_place_change(monkeypatch):
+    """``mask_stats()["masked"]`` of a steady run comes from one count per mask (a step does not
+    count them again), and a mask changed in place through the state is counted afresh."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(40, 30, requires_grad=True), torch.randn(200, requires_grad=True)]
+    opt = MaskedAdamW(params, lr=1e-2, density=0.5)
+    first, second = torch.rand(40, 30, generator=gen) < 0.5, torch.rand(200, generator=gen) < 0.25
+    opt.set_mask(params[0], first)
+    opt.set_mask(params[1], second)
+    counted = []
+    count_nonzero = torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda mask: counted.append(mask.numel()) or count_nonzero(mask))
+    for _ in range(3):
+        lognormal_grads(params, gen)
+        opt.step()
+        assert opt.mask_stats()[0]["masked"] == int((~first).sum() + (~second).sum())
+    assert sorted(counted) == [200, 1200]  # each mask once, over three steps
+    opt.state[params[1]]["user_mask"][:50] = False  # in place: the version counter moves
+    lognormal_grads(params, gen)
+    opt.step()
+    second[:50] = False
+    assert opt.mask_stats()[0]["masked"] == int((~first).sum() + (~second).sum())
+    assert sorted(counted) == [200, 200, 1200]
