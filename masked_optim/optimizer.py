@@ -183,7 +183,11 @@ class MaskedAdamW(Optimizer):
         amsgrad, foreach, capturable, differentiable: :class:`torch.optim.AdamW`'s, taken so
             that code written for it runs unchanged. ``foreach`` (``None`` or a bool) chooses
             nothing here: ``backend`` does. ``amsgrad``, ``capturable`` and ``differentiable``
-            have no MaskedAdamW variant: ``True`` raises ValueError.
+            have no MaskedAdamW variant: ``True`` raises ValueError. All but ``capturable``
+            stay in ``defaults`` and each group, as AdamW keeps them (Dynamo sets a traced
+            step's ``capturable``), so ``MaskedAdamW(params, **opt.defaults)`` builds a twin.
+        decoupled_weight_decay: :class:`torch.optim.Adam`'s; ``False`` (Adam's L2 decay) raises
+            ValueError unless ``weight_decay`` is 0.
 
     Example::
 
@@ -221,6 +225,7 @@ class MaskedAdamW(Optimizer):
         fused: Optional[bool] = None,
         capturable: bool = False,
         differentiable: bool = False,
+        decoupled_weight_decay: bool = True,
     ) -> None:
         adamw_flag("capturable", capturable)  # (not kept: see options.DEFAULTS)
         defaults = dict(
@@ -229,7 +234,8 @@ class MaskedAdamW(Optimizer):
             protect_strength=protect_strength, anchor_decay=anchor_decay, scope=scope,
             maximize=maximize, nonfinite=nonfinite, backend=backend,
             importance_dtype=importance_dtype_name(importance_dtype), gate_block=gate_block,
-            amsgrad=amsgrad, foreach=foreach, fused=fused, differentiable=differentiable, decoupled_weight_decay=True,
+            amsgrad=amsgrad, foreach=foreach, fused=fused, differentiable=differentiable,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
         validate_group(defaults)
         self._last_stats: list[Optional[GroupStats]] = []

@@ -86,6 +86,10 @@ def test_groups_keep_adamws_flags_and_a_variant_set_later_is_refused_at_the_step
     assert kept <= set(opt.defaults) and kept <= set(opt.param_groups[0]) and "capturable" not in opt.defaults
     assert opt.defaults["fused"] is False and opt.param_groups[0]["amsgrad"] is False
     assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    twin = MaskedAdamW([torch.nn.Parameter(torch.randn(5))], **opt.defaults)  # a twin from defaults
+    assert twin.defaults == opt.defaults
+    with pytest.raises(ValueError, match=r"Invalid decoupled_weight_decay: False with weight_decay=0.01"):
+        MaskedAdamW([torch.nn.Parameter(torch.randn(5))], decoupled_weight_decay=False)
     param.grad = torch.randn(5)
     before = param.detach().clone()
     opt.param_groups[0]["amsgrad"] = True
