@@ -618,7 +618,12 @@ class MaskedAdamW(Optimizer):
             state.pop("user_mask", None)
         else:
             state["user_mask"] = mask
-        state["threshold_for"] = _STALE  # the unit's population changed: derived afresh next step
+        # the unit's population changed: derived afresh by its next step, in group scope for all
+        # of its members (were only this one marked, and it then had no grad, the others would
+        # keep the threshold taken over the old population: _members_left skips a _STALE member)
+        members = group["params"] if group["scope"] == "group" else [param]
+        _mark_missed(members, [], self.state)
+        state["threshold_for"] = _STALE
 
     def mask_stats(self, global_counts: bool = False) -> list[Optional[dict[str, Any]]]:
         """Per param group, what the last step did (synchronises with the device).
@@ -712,6 +717,8 @@ class MaskedAdamW(Optimizer):
                 if key not in saved:
                     group[key] = value
             group["backend"] = current["backend"]
+            if group.get("decoupled_weight_decay") is False:  # Adam without weight decay (check) is
+                group["decoupled_weight_decay"] = True  # AdamW without it: weight decay set later is AdamW's
             for pid, param in zip(saved["params"], group["params"]):
                 for key, value in originals.get(pid, {}).items():
                     if key in ("step", "importance_step"):  # the saved value, not a copy cast to the param's dtype

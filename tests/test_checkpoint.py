@@ -243,6 +243,9 @@ def test_adam_without_weight_decay_loads():
     ours = MaskedAdamW(params, lr=1e-3)
     ours.load_state_dict(adam.state_dict())
     assert all(ours.state[p]["step"] == 2 for p in params)
+    assert ours.param_groups[0]["decoupled_weight_decay"] is True  # Adam without decay is AdamW without it
+    ours.param_groups[0]["weight_decay"] = 0.01  # so decay set after the load is AdamW's, not refused as L2
+    _run(params, ours, torch.Generator().manual_seed(13), 1)
 
 
 @pytest.mark.parametrize("edit, message", [
