@@ -621,9 +621,7 @@ class MaskedAdamW(Optimizer):
         # the unit's population changed: derived afresh by its next step, in group scope for all
         # of its members (were only this one marked, and it then had no grad, the others would
         # keep the threshold taken over the old population: _members_left skips a _STALE member)
-        members = group["params"] if group["scope"] == "group" else [param]
-        _mark_missed(members, [], self.state)
-        state["threshold_for"] = _STALE
+        _mark_missed(group["params"] if group["scope"] == "group" else [param], [], self.state)
 
     def mask_stats(self, global_counts: bool = False) -> list[Optional[dict[str, Any]]]:
         """Per param group, what the last step did (synchronises with the device).
