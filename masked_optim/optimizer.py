@@ -146,8 +146,10 @@ class MaskedAdamW(Optimizer):
              the block's largest r (select) or a (protect); the block enters the histogram
              weighted by its elements)
             r enters U's histogram, from which tau_U of the next step is derived
-            (the first step after creation, consolidate() or a density change derives it
-            from its own scores)
+            (the step derives it from its own scores instead after creation, consolidate(),
+            a change of density, mask, scope, gate_block, importance or importance_beta, a
+            set_mask(), a change of a group-scope unit's members, or when the stored
+            threshold was flagged as lagging)
 
     Args:
         params: iterable of parameters, of ``(name, parameter)`` pairs (``named_parameters()``)
@@ -683,7 +685,8 @@ class MaskedAdamW(Optimizer):
         (L2) weight decay, which MaskedAdamW would ignore or change, another optimizer's state
         or options, state tensors whose shape is not their param's, part of a state set
         (moments without a ``step``, ...), step counts that are negative or not finite, and
-        entries that are not Tensors.
+        MaskedAdamW's own tensor entries (moments, importance, anchors, mask, threshold) that
+        are not Tensors. Other per-param entries (a wrapper's) load as they are.
         """
         loaded: dict[str, Any] = {}
 
