@@ -61,30 +61,34 @@ static void count_range(const int32_t* bins, const uint8_t* allowed, int64_t beg
     }
 }
 
-extern "C" void masked_optim_histogram(const int32_t* bins, const uint8_t* allowed, int64_t n,
-                                       int64_t num_bins, int64_t min_parallel, int64_t* out) {
+// returns how many threads counted
+extern "C" int64_t masked_optim_histogram(const int32_t* bins, const uint8_t* allowed, int64_t n,
+                                          int64_t num_bins, int64_t min_parallel, int64_t* out) {
     const uint32_t mask = static_cast<uint32_t>(num_bins - 1);  // num_bins is a power of two
     std::fill(out, out + num_bins, 0);
     if (n < num_bins) {  // few elements: straight into out (two tables to zero and merge cost more)
         for (int64_t i = 0; i < n; ++i)
             out[static_cast<uint32_t>(bins[i]) & mask] += allowed == nullptr || allowed[i] != 0;
-        return;
+        return 1;
     }
     // torch's OpenMP threads (this library shares torch's OpenMP runtime, as Inductor's kernels
     // do), as many as torch.set_num_threads allows this thread: each counts a contiguous range
     // into tables of its own (reused: no allocation, no page faults), then adds them to out
     const int threads = n >= min_parallel ? omp_get_max_threads() : 1;
+    int64_t counted = 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         static thread_local std::vector<uint32_t> tables;
         tables.assign(2 * num_bins, 0);
         const int64_t thread = omp_get_thread_num(), count = omp_get_num_threads();
+        if (thread == 0) counted = count;
         const int64_t chunk = n / count & ~int64_t(63);  // (whole cache lines of bins)
         const int64_t begin = thread * chunk, end = thread + 1 == count ? n : begin + chunk;
         count_range(bins, allowed, begin, end, mask, tables.data(), tables.data() + num_bins);
 #pragma omp critical(masked_optim_histogram)
         for (int64_t b = 0; b < num_bins; ++b) out[b] += static_cast<int64_t>(tables[b]) + tables[num_bins + b];
     }
+    return counted;
 }
 """
 
@@ -161,7 +165,7 @@ def _load_or_build() -> ctypes.CDLL:
     library = ctypes.CDLL(path)
     function = library.masked_optim_histogram
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    function.restype = None
+    function.restype = ctypes.c_int64
     return library
 
 
@@ -194,8 +198,13 @@ def histogram_of_bins(bins: Tensor, where: Optional[Tensor] = None, out: Optiona
             f"out must be a contiguous int64 CPU tensor of {NUM_BINS} elements, got {out.dtype} on "
             f"{out.device} with {out.numel()} (contiguous: {out.is_contiguous()})"
         )
-    _library().masked_optim_histogram(
+    _count(bins, allowed, out)
+    return out
+
+
+def _count(bins: Tensor, allowed: Optional[Tensor], out: Tensor) -> int:
+    """The library call on checked tensors: counts into ``out``; returns how many threads counted."""
+    return int(_library().masked_optim_histogram(
         bins.data_ptr(), None if allowed is None else allowed.data_ptr(), bins.numel(), NUM_BINS, MIN_PARALLEL,
         out.data_ptr(),
-    )
-    return out
+    ))

@@ -48,6 +48,28 @@ def scenario_ddp(rank: int, world: int) -> None:
         dist.all_gather(gathered, p.detach())
         assert all(torch.equal(g, gathered[0]) for g in gathered), "DDP ranks diverged"
 
+    # one process stepping on the grads DDP averages (each rank's grad / world, summed)
+    single = model_factory()
+    single_opt = MaskedAdamW(single.parameters(), **OPTIONS)
+    data = [batches(8, r) for r in range(world)]
+    for index in range(8):
+        summed = [torch.zeros_like(p) for p in single.parameters()]
+        for r in range(world):
+            single.zero_grad()
+            x, y = data[r][index]
+            torch.nn.functional.mse_loss(single(x), y).backward()
+            for total, p in zip(summed, single.parameters()):
+                total.add_(p.grad / world)
+        for total, p in zip(summed, single.parameters()):
+            p.grad = total
+        single_opt.step()
+        if index == 3:
+            single_opt.consolidate()
+    for p, q in zip(model.parameters(), single.parameters()):
+        assert_close(p.detach(), q.detach(), "DDP param vs single process")
+        for key in ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param"):
+            assert_close(opt.state[p][key], single_opt.state[q][key], f"DDP {key} vs single process")
+
 
 def scenario_fsdp2(rank: int, world: int, tmpdir: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict

@@ -95,13 +95,25 @@ def test_loads_plain_adamw_state_dict():
 
 
 def test_deepcopy_and_pickle_keep_everything():
+    """A copy holds every param and state entry bit for bit, and steps on as the original does
+    (the copy on its own params)."""
     params, opt = _setup(torch.float32)
     _run(params, opt, torch.Generator().manual_seed(4), 3, consolidate_at=1)
-    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+    expected = snapshot(opt)
+    assert len(expected) > len(params) * 8  # moments, importance, anchors, thresholds, ...
+    clones = (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt)))
+    for clone in clones:
         assert clone.param_groups[0]["density"] == 0.3
         assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
-        lognormal_grads([p for g in clone.param_groups for p in g["params"]], torch.Generator().manual_seed(5))
-        clone.step()
+        assert_bitwise_equal(snapshot(clone), expected)
+    for optimizer in (opt, *clones):
+        own = [p for g in optimizer.param_groups for p in g["params"]]
+        assert optimizer is opt or not any(c is p for c, p in zip(own, params))
+        lognormal_grads(own, torch.Generator().manual_seed(5))
+        optimizer.step()
+    assert not torch.equal(params[0], expected[(0, "param")])
+    for clone in clones:
+        assert_bitwise_equal(snapshot(clone), snapshot(opt))
         clone.mask_stats()
 
 
@@ -185,19 +197,23 @@ def test_state_saved_in_another_memory_layout_loads_in_the_params_layout(backend
             if step == 0:
                 source.consolidate()
         saved = _roundtrip(source.state_dict())
-        resumed = {}
-        for name in (backend, "torch"):
-            param = torch.nn.Parameter(source_param.detach().clone().to(memory_format=loaded_format))
-            opt = MaskedAdamW([param], lr=1e-2, density=0.5, anchor_decay=2.0, backend=name)
-            opt.load_state_dict(saved)
-            for key in ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param"):
-                assert opt.state[param][key].stride() == param.stride(), key
-                assert torch.equal(opt.state[param][key], source.state[source_param][key]), key
-            for _ in range(2):
-                param.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(10)).to(memory_format=loaded_format)
-                opt.step()
-            resumed[name] = param.detach()
-        assert_close(resumed[backend], resumed["torch"], f"{backend} after a load into another layout")
+        saved_param = source_param.detach().clone()
+        param = torch.nn.Parameter(source_param.detach().clone().to(memory_format=loaded_format))
+        opt = MaskedAdamW([param], lr=1e-2, density=0.5, anchor_decay=2.0, backend=backend)
+        opt.load_state_dict(saved)
+        for key in ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param"):
+            assert opt.state[param][key].stride() == param.stride(), key
+            assert torch.equal(opt.state[param][key], source.state[source_param][key]), key
+        for step in range(2):  # the resumed run against the uninterrupted one, stepped alongside
+            grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(10 + step))
+            param.grad = grad.to(memory_format=loaded_format)
+            source_param.grad = grad.to(memory_format=saved_format)
+            opt.step()
+            source.step()
+        assert not torch.equal(param.detach(), saved_param)
+        assert_close(param.detach(), source_param.detach(), f"{backend} after a load into another layout")
+        for key in ("exp_avg", "exp_avg_sq", "importance"):
+            assert_close(opt.state[param][key], source.state[source_param][key], f"{backend}: {key} after the load")
 
 
 def test_each_group_keeps_the_backend_it_was_built_with():

@@ -18,11 +18,12 @@ def test_matches_bincount(numel, masked):
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
 def test_threads_split_the_count(threads, masked):
     """Above ``MIN_PARALLEL`` elements, as many threads as torch may use each count a range
-    (an odd count: the last range is longer)."""
+    (an odd count: the last range is longer); below it, one thread counts."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check_against_bincount(cpu_histogram.MIN_PARALLEL * 2 + 3 * 64 + 5, masked)
+        assert _check_against_bincount(cpu_histogram.MIN_PARALLEL * 2 + 3 * 64 + 5, masked) == threads
+        assert _check_against_bincount(cpu_histogram.MIN_PARALLEL - 1, masked) == 1
     finally:
         torch.set_num_threads(before)
 
@@ -38,6 +39,10 @@ def _check_against_bincount(numel, masked):
     got = cpu_histogram.histogram_of_bins(bins, where)
     assert got.dtype == torch.int64 and got.shape == (thr.NUM_BINS,)
     assert torch.equal(got, expected)
+    again = torch.full((thr.NUM_BINS,), -1, dtype=torch.int64)  # the counting call itself: its threads
+    threads = cpu_histogram._count(bins, None if where is None else where.contiguous(), again)
+    assert torch.equal(again, expected)
+    return threads
 
 
 def test_where_of_the_param_shape():

@@ -5,7 +5,7 @@ a block's score is the largest score of its allowed elements, the block counts a
 elements, the threshold brings the realised element density closest to the target. The Triton
 kernel is compared with the reference in ``tests/test_triton_backend.py`` (gate-block configs),
 the ``compile`` backend in ``tests/test_compile_backend.py``; the tests of whole steps here run
-on them too.
+on all three backends.
 """
 import copy
 import os
@@ -19,6 +19,7 @@ from masked_optim.threshold import block_bins, score_bins
 from tests.helpers import lognormal_grads
 
 G = 16
+BACKENDS = ["torch", "compile", "triton"]
 
 
 def _blocks_in_memory_order(moved: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -62,14 +63,15 @@ def _exact_block_density(scores: torch.Tensor, target: float) -> float:
     return float(moved[(moved - target).abs().argmin()])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("target", [0.05, 0.3])
-def test_realised_density_within_spec_bound(target):
+def test_realised_density_within_spec_bound(target, backend):
     """Fixed log-normal scores (importance_beta 0, the same grads every step): from the second
     step the stored threshold is exact for them; the realised density must be within SPEC's
     bound of the best block threshold's."""
     generator = torch.Generator().manual_seed(1)
     param = torch.nn.Parameter(torch.randn(256, 256, generator=generator))
-    opt = MaskedAdamW([param], lr=1e-3, density=target, gate_block=G, importance_beta=0.0, backend="torch")
+    opt = MaskedAdamW([param], lr=1e-3, density=target, gate_block=G, importance_beta=0.0, backend=backend)
     lognormal_grads([param], generator, sigma=2.0)
     grad = param.grad.clone()
     for _ in range(3):
@@ -81,11 +83,12 @@ def test_realised_density_within_spec_bound(target):
     assert abs(realised - best) <= max(0.1 * target, 0.002)
 
 
-def test_block_score_ignores_masked_elements_and_ties_share_a_gate():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_score_ignores_masked_elements_and_ties_share_a_gate(backend):
     """A huge score on a user-masked element does not switch its block on; blocks with tied
     scores all get the same gate."""
     param = torch.nn.Parameter(torch.zeros(64 * G))
-    opt = MaskedAdamW([param], lr=1e-2, density=0.25, gate_block=G, importance_beta=0.0, weight_decay=0.0, backend="torch")
+    opt = MaskedAdamW([param], lr=1e-2, density=0.25, gate_block=G, importance_beta=0.0, weight_decay=0.0, backend=backend)
     grad = torch.ones(64, G)
     grad[:16] = 2.0  # 16 of 64 blocks tied at the top: exactly the target density
     grad[40, 3] = 1e6  # one hot element in block 40, masked out below
@@ -100,11 +103,12 @@ def test_block_score_ignores_masked_elements_and_ties_share_a_gate():
     assert score_bins(torch.tensor([4.0])).item() > score_bins(torch.tensor([1.0])).item()
 
 
-def test_protect_never_freezes_blocks_without_anchor_importance():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_protect_never_freezes_blocks_without_anchor_importance(backend):
     """protect freezes the blocks holding the most important elements of earlier data; blocks
     whose anchor is all zero (dead units) always move."""
     param = torch.nn.Parameter(torch.randn(32 * G))
-    opt = MaskedAdamW([param], lr=1e-2, density=0.5, mask="protect", gate_block=G, backend="torch")
+    opt = MaskedAdamW([param], lr=1e-2, density=0.5, mask="protect", gate_block=G, backend=backend)
     grad = torch.zeros(32, G)
     grad[:8, 0] = 5.0  # blocks 0-7 had one important element each
     grad[8:16] = 1.0
@@ -162,7 +166,7 @@ def test_auto_takes_the_compile_path_for_block_gates_on_the_cpu(monkeypatch):
     assert resolve("auto", torch.device("cpu"), 64) == "compile"
 
 
-@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_changing_gate_block_rederives_the_threshold(backend):
     """An element threshold applied to block maxima would switch most blocks on: a gate_block
     change must make the next step derive its threshold from its own block scores."""
@@ -175,10 +179,10 @@ def test_changing_gate_block_rederives_the_threshold(backend):
         opt.param_groups[0]["gate_block"] = gate_block
         param.grad = grad.clone()
         opt.step()
-        assert abs(opt.mask_stats()[0]["realised_density"] - 0.1) <= 0.02, (gate_block, opt.mask_stats())
+        assert abs(opt.mask_stats()[0]["realised_density"] - 0.1) <= 0.01, (gate_block, opt.mask_stats())  # SPEC's bound
 
 
-@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_protect_moves_anchor_zero_elements_inside_frozen_blocks(backend):
     """SPEC: elements with anchor 0 are never frozen — also when they share a block with an
     important element; they are counted in bin 0 so the realised density stays on target."""

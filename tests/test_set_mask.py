@@ -25,14 +25,17 @@ def test_masked_elements_stay_bit_identical(density):
     state = opt.state[param]
     frozen = [param.detach()[~mask].clone(), state["exp_avg"][~mask].clone(), state["exp_avg_sq"][~mask].clone()]
     for _ in range(10):
+        allowed_before = param.detach()[mask].clone()
         lognormal_grads([param], gen)
         opt.step()
         stats = opt.mask_stats()[0]
+        # the allowed elements that moved are the ones the step counts, at SPEC's bound of the target
+        assert int((param.detach()[mask] != allowed_before).sum()) == stats["updated"]
         allowed_updated = stats["updated"] / int(mask.sum())
-        assert abs(allowed_updated - density) <= max(0.1 * density, 0.002) + 0.02
+        assert abs(allowed_updated - density) <= max(0.1 * density, 0.002)
     for before, after in zip(frozen, (param.detach()[~mask], state["exp_avg"][~mask], state["exp_avg_sq"][~mask])):
         assert torch.equal(before, after)
-    assert (param.detach()[mask] != 0).all() and state["importance"][~mask].any()
+    assert state["importance"][~mask].any()  # masked elements still measure their importance
 
 
 def test_mask_survives_state_dict_and_can_be_removed():
