@@ -24,6 +24,20 @@ def normalise(tensors: list[Tensor], groups: tuple = ()) -> list[Tensor]:
     return [t.float() * inverse for t in tensors]
 
 
+def host_values(counters: list[Tensor]) -> list[float]:
+    """The values of one-element counters (step counts) on the host: one copy per device, not
+    one sync per counter (``consolidate()`` reads every param's importance step count)."""
+    values = [0.0] * len(counters)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, counter in enumerate(counters):
+        by_device.setdefault(counter.device, []).append(index)
+    for indices in by_device.values():
+        read = torch.stack([counters[i].detach().reshape(()).double() for i in indices]).tolist()
+        for i, value in zip(indices, read):
+            values[i] = value
+    return values
+
+
 def bias_corrected(importance: Tensor, steps: float, beta: float) -> Tensor:
     """A running importance over ``steps`` updates divided by ``1 - beta**steps`` (fp32), as the
     step's scores are (SPEC step 6): tensors of one unit that started late (a grad that was

@@ -551,11 +551,12 @@ class MaskedAdamW(Optimizer):
                         state["step"].zero_()
         # a param takes part once its importance was measured or it has an anchor: one whose state
         # only set_mask made (importance_step 0, no anchor) would halve its group-scope unit's
-        # mean importance, doubling the others' anchors, and get an anchor of zeros (one host
-        # read per param, but consolidate() is rare)
+        # mean importance, doubling the others' anchors, and get an anchor of zeros (the step
+        # counts are read on the host: one copy per device)
+        measured = [p for group in self.param_groups for p in group["params"] if "importance" in self.state.get(p, {})]
+        steps = dict(zip(measured, consolidation.host_values([self.state[p]["importance_step"] for p in measured])))
         taking_part = [
-            [p for p in group["params"] if "importance" in self.state.get(p, {})
-             and ("anchor" in self.state[p] or float(self.state[p]["importance_step"]) > 0)]
+            [p for p in group["params"] if p in steps and ("anchor" in self.state[p] or steps[p] > 0)]
             for group in self.param_groups
         ]
         if not any(taking_part):
@@ -573,8 +574,8 @@ class MaskedAdamW(Optimizer):
             for unit in unit_lists:
                 states = [self.state[p] for p in unit]
                 importances = [
-                    consolidation.bias_corrected(local(s["importance"]), float(s["importance_step"]), group["importance_beta"])
-                    for s in states
+                    consolidation.bias_corrected(local(self.state[p]["importance"]), steps[p], group["importance_beta"])
+                    for p in unit
                 ]
                 anchors = consolidation.combine(
                     importances, [local(s.get("anchor")) for s in states],

@@ -180,6 +180,38 @@ def test_consolidate_weighs_a_tensor_that_started_late_alike():
     assert means == pytest.approx([1.0, 1.0], rel=0.1), means
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_consolidate_reads_the_step_counts_in_one_copy(backend, monkeypatch):
+    """consolidate() reads every param's importance step count on the host (the bias correction
+    and whether it takes part): with the Triton backend they live on the params' device, so one
+    read each would be a sync per param. One copy per device; the anchors are the ones a
+    per-param read makes (each tensor's own bias correction, set apart by its own step count)."""
+    from masked_optim import consolidation
+
+    params = [torch.nn.Parameter(torch.randn(300)) for _ in range(4)]
+    opt = MaskedAdamW(params, scope="group", importance_beta=0.9, backend=backend)
+    gen = torch.Generator().manual_seed(6)
+    for step in range(6):
+        for i, p in enumerate(params):  # param i has its grads from step i on (i steps fewer)
+            p.grad = torch.randn(300, generator=gen) if step >= i else None
+        opt.step()
+    counts = [float(opt.state[p]["importance_step"]) for p in params]
+    assert counts == [6.0, 5.0, 4.0, 3.0]
+    expected = consolidation.combine(
+        [consolidation.bias_corrected(opt.state[p]["importance"], c, 0.9) for p, c in zip(params, counts)],
+        [None] * 4, "max",
+    )
+    reads = []
+    original_float, original_tolist = torch.Tensor.__float__, torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append("float") or original_float(self))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or original_tolist(self))
+    opt.consolidate()
+    monkeypatch.undo()
+    assert reads == ["tolist"]
+    for p, anchor in zip(params, expected):
+        assert_close(opt.state[p]["anchor"], anchor, "anchor")
+
+
 def test_anchor_decay_set_after_the_boundary_warns():
     """anchor_param is copied at consolidate() only where anchor_decay > 0 then: a restoring
     force asked for later has no target, which is said, not silently skipped."""
