@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from masked_optim import threshold as thr
 from masked_optim.distributed import is_dtensor, sharded_like
 from masked_optim.layouts import STATE_LIKE_PARAM, real_view
 from masked_optim.options import _number, validate_group
@@ -57,6 +58,23 @@ def restored(value: Tensor, like: Optional[Tensor], device: torch.device, dtype:
     return restored
 
 
+def _check_threshold(pid: Any, threshold: Tensor, threshold_for: Any) -> None:
+    """A stored threshold is one integer: ``threshold.UNKNOWN``, a bin in [0, NUM_BINS], or a
+    flagged one (``threshold.flagged``); any other value would gate with a bin no score has.
+    ``threshold_for`` is a number (``optimizer._threshold_key``)."""
+    if threshold.numel() != 1 or threshold.dtype.is_floating_point or threshold.is_complex() or threshold.dtype == torch.bool:
+        raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold'] is a {threshold.dtype} tensor of shape "
+                         f"{tuple(threshold.shape)}, a unit's threshold is one integer (a bin)")
+    value = int(threshold.detach().reshape(()).item())  # (one element: read on the host)
+    lowest = int(thr.flagged(torch.tensor(thr.NUM_BINS)))
+    if not lowest <= value <= thr.NUM_BINS:
+        raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold'] is {value}, outside [{lowest}, "
+                         f"{thr.NUM_BINS}] (a bin of {thr.NUM_BINS}, {thr.UNKNOWN} for unknown, or a flagged bin)")
+    number = _number(f"state[{pid!r}]['threshold_for']", threshold_for)
+    if not math.isfinite(number):
+        raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold_for'] is {number} (a finite number)")
+
+
 def check(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dict[str, Any]:
     """Refuse a checkpoint the optimizer with ``param_groups`` cannot continue from (ValueError),
     before anything changes; returns what ``MaskedAdamW._restore_checkpoint`` needs."""
@@ -94,9 +112,8 @@ def check(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dic
                 if key in STATE_KEYS and key not in ("step", "importance_step", "threshold_for") and not isinstance(value, Tensor):
                     raise ValueError(f"Invalid checkpoint: state[{pid!r}][{key!r}] must be a Tensor, got "
                                      f"{type(value).__name__}")
-            if "threshold" in state and state["threshold"].numel() != 1:
-                raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold'] has shape "
-                                 f"{tuple(state['threshold'].shape)}, a unit's threshold has one element")
+            if "threshold" in state:
+                _check_threshold(pid, state["threshold"], state["threshold_for"])
             for key in ("step", "importance_step"):  # (counters are small: read on the host)
                 if key in state:
                     count = _number(key, state[key])

@@ -22,6 +22,19 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_moment_dtypes(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+    """The moments are in ``math_dtype`` of the param's dtype (a complex param's own), as the
+    optimizer makes them and a checkpoint load restores them (ValueError otherwise: the param's
+    dtype changed after its state was made, e.g. ``model.double()``)."""
+    expected = param.dtype if param.is_complex() else math_dtype(param.dtype)
+    for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if moment.dtype != expected:
+            raise ValueError(
+                f"{name} is {moment.dtype} for a {param.dtype} param (expected {expected}): the param's dtype changed "
+                "after its state was made; opt.load_state_dict(opt.state_dict()) converts the state to the params' dtypes"
+            )
+
+
 @dataclass
 class TensorState:
     """One parameter tensor and its optimizer state, as a backend sees them.

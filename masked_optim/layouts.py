@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from masked_optim.functional import TensorState
+from masked_optim.functional import TensorState, check_moment_dtypes
 
 #: state tensors created like their param (in its layout)
 STATE_LIKE_PARAM = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
@@ -62,6 +62,7 @@ def checked_inputs(t: TensorState, backend: str) -> tuple[Tensor, Optional[Tenso
     layout (copies where they are laid out otherwise)."""
     param = t.param
     check_dense(param, backend)
+    check_moment_dtypes(param, t.exp_avg, t.exp_avg_sq)
     contiguous, shape = param.is_contiguous(), param.shape
     for name in STATE_LIKE_PARAM:
         tensor = getattr(t, name)

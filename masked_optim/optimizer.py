@@ -510,13 +510,17 @@ class MaskedAdamW(Optimizer):
                 raise ValueError(f"Invalid grad_scale: {value} (must be finite and > 0)")
             scale = value
         self._check_grads()
+        observed = []  # every group checked (as a step checks it) before the first one changes
         for group in self.param_groups:
             _, _, tensors, _, fresh = self._tensor_states(group)
-            if not tensors:
-                continue
+            if tensors:
+                hyper = GroupHyper.from_group(group)
+                functional.prepare(tensors, hyper, backend="torch")
+                observed.append((tensors, fresh, hyper))
+        for tensors, fresh, hyper in observed:
             self._keep_fresh(fresh)
             device_scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=tensors[0].param.device)
-            functional.observe(tensors, GroupHyper.from_group(group), backend="torch", grad_scale=device_scale)
+            functional.observe(tensors, hyper, backend="torch", grad_scale=device_scale)
 
     @torch.no_grad()
     def consolidate(self, how: str = "max", *, reset_moments: bool = False) -> None:
@@ -541,6 +545,11 @@ class MaskedAdamW(Optimizer):
                 validate_group(group)
             except ValueError as error:
                 raise ValueError(f"consolidate(): param group {index}: {error}") from None
+            for p in group["params"]:  # (a param resized after its state was made: state.data = ...)
+                importance = self.state.get(p, {}).get("importance")
+                if importance is not None and importance.shape != p.shape:
+                    raise ValueError(f"consolidate(): param group {index}: importance of shape {tuple(importance.shape)} "
+                                     f"does not match its param (shape {tuple(p.shape)})")
         if reset_moments:  # every param with moments (also one that never had importance)
             for group in self.param_groups:
                 for p in group["params"]:
@@ -726,5 +735,7 @@ class MaskedAdamW(Optimizer):
                     if key in ("step", "importance_step"):  # the saved value, not a copy cast to the param's dtype
                         self.state[param][key] = self._counter(param, group, value)
                     elif isinstance(value, Tensor):
+                        if key == "threshold":  # one element (checked): kept 0-dim, as the step makes it
+                            value = value.reshape(())
                         dtype = self._state_dtype(key, param, group) or value.dtype
                         self.state[param][key] = checkpoint.restored(value, checkpoint.layout_like(key, param), param.device, dtype)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from masked_optim import threshold as thr
 from masked_optim.functional import (
-    GroupHyper, GroupStats, TensorState, gate_thresholds, gated, math_dtype, next_thresholds,
+    GroupHyper, GroupStats, TensorState, check_moment_dtypes, gate_thresholds, gated, math_dtype, next_thresholds,
 )
 
 #: select's score is s / (a + DELTA); the anchor has mean 1 per unit.
@@ -165,6 +165,7 @@ def check_group(tensors: list[TensorState]) -> None:
                 raise ValueError(f"user_mask must be bool, got {tensor.dtype}")
             if name not in ("grad", "user_mask") and not tensor.is_floating_point():
                 raise ValueError(f"{name} must have a floating dtype, got {tensor.dtype}")
+        check_moment_dtypes(param, t.exp_avg, t.exp_avg_sq)
 
 
 def prepare_group(tensors: list[TensorState], hyper: GroupHyper, *, grad_scale: Optional[Tensor] = None,

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 Schedule = Callable[[int], float]
 MODES = ("linear", "cosine")
-_SAVED = ("last_epoch", "start", "end", "steps", "mode", "_last_density")
+_SAVED = ("last_epoch", "start", "end", "steps", "mode", "_last_density", "_scheduled")
 
 
 def _check_density(name: str, value: Any) -> float:
@@ -119,6 +119,13 @@ class DensityScheduler:
 
     def density_at(self, step: int) -> list[Optional[float]]:
         """The density of every param group at ``step`` (None for groups left alone), validated."""
+        groups = len(self.optimizer.param_groups)
+        if groups != len(self.schedules):  # zip would leave a group added later alone, silently
+            raise ValueError(
+                f"Invalid optimizer: it has {groups} param groups, and this DensityScheduler was made for "
+                f"{len(self.schedules)} (add_param_group after the scheduler was made?): make the scheduler after "
+                "adding the group (schedule=[..., None] leaves a group alone), as a resumed run would"
+            )
         values: list[Optional[float]] = []
         for index, (group, schedule) in enumerate(zip(self.optimizer.param_groups, self.schedules)):
             if not self._scheduled[index]:
@@ -169,7 +176,12 @@ class DensityScheduler:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved. Like ``LRScheduler`` it does not touch the
-        optimizer: its ``load_state_dict`` restores the densities in ``param_groups``."""
+        optimizer: its ``load_state_dict`` restores the densities in ``param_groups``. A state
+        saved for another number of param groups is refused (ValueError) before anything changes."""
+        saved = state_dict.get("_scheduled")  # (absent from states saved before it was kept)
+        if saved is not None and len(saved) != len(self.schedules):
+            raise ValueError(f"Invalid state_dict: it schedules {len(saved)} param groups, this DensityScheduler "
+                             f"{len(self.schedules)}")
         for key in _SAVED:
             if key in state_dict:
                 setattr(self, key, state_dict[key])

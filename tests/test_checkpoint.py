@@ -275,7 +275,12 @@ def test_adam_without_weight_decay_loads():
     (lambda entry: entry.pop("importance"), r"has 'importance_step' but no 'importance'"),
     (lambda entry: entry.pop("threshold_for"), r"has 'threshold' but no 'threshold_for'"),
     (lambda entry: entry.update(momentum_buffer=torch.zeros(30, 20)), r"has 'momentum_buffer', which MaskedAdamW does not keep"),
-    (lambda entry: entry.update(threshold=torch.zeros(4, dtype=torch.int64)), r"\['threshold'\] has shape \(4,\), a unit's threshold"),
+    (lambda entry: entry.update(threshold=torch.zeros(4, dtype=torch.int64)), r"\['threshold'\] is a torch.int64 tensor of shape \(4,\), a unit's threshold is one integer"),
+    (lambda entry: entry.update(threshold=torch.tensor(1.5)), r"\['threshold'\] is a torch.float32 tensor of shape \(\), a unit's threshold is one integer"),
+    (lambda entry: entry.update(threshold=torch.tensor(40000)), r"\['threshold'\] is 40000, outside \[-32770, 32768\]"),
+    (lambda entry: entry.update(threshold=torch.tensor(-40000)), r"\['threshold'\] is -40000, outside"),
+    (lambda entry: entry.update(threshold_for="x"), r"\['threshold_for'\] must be a number, got 'x'"),
+    (lambda entry: entry.update(threshold_for=float("inf")), r"\['threshold_for'\] is inf \(a finite number\)"),
     (lambda entry: entry.update(step=torch.tensor(-1.0)), r"\['step'\] is -1.0 \(a step count is finite and >= 0\)"),
     (lambda entry: entry.update(importance_step=torch.tensor(float("nan"))), r"\['importance_step'\] is nan"),
     (lambda entry: entry.update(exp_avg=[0.0]), r"\['exp_avg'\] must be a Tensor, got list"),
@@ -289,6 +294,28 @@ def test_malformed_state_is_refused_before_any_change(edit, message):
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(saved)
     assert_bitwise_equal(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_a_one_element_threshold_of_any_shape_loads_as_the_step_keeps_it(backend):
+    """A threshold saved as a 1-element vector (an edited or converted checkpoint) loads 0-dim:
+    the run goes on as from the checkpoint as saved."""
+    params, opt = _trained(backend=backend)
+    saved = opt.state_dict()
+    reshaped = copy.deepcopy(saved)
+    for entry in reshaped["state"].values():
+        entry["threshold"] = entry["threshold"].reshape(1)
+    runs = []
+    for checkpoint in (saved, reshaped):
+        fresh_params, fresh = _setup(torch.float32, backend=backend)
+        with torch.no_grad():
+            for p, q in zip(fresh_params, params):
+                p.copy_(q)
+        fresh.load_state_dict(checkpoint)
+        assert all(fresh.state[p]["threshold"].shape == () for p in fresh_params)
+        _run(fresh_params, fresh, torch.Generator().manual_seed(14), 2)
+        runs.append(snapshot(fresh))
+    assert_bitwise_equal(runs[1], runs[0])
 
 
 @pytest.mark.parametrize("backend", ["torch", "compile"])

@@ -4,6 +4,7 @@ import torch
 
 from masked_optim import MaskedAdamW
 from tests.helpers import assert_bitwise_equal, set_random_grads, snapshot
+from tests.tolerances import assert_close
 
 BAD_OPTIONS = [
     (dict(lr=-1e-3), ValueError, r"Invalid lr: -0\.001"),
@@ -140,6 +141,7 @@ def _two_groups_stepped(first_backend: str, backend: str):
 @pytest.mark.parametrize("first_backend", ["torch", "compile", "triton"])
 @pytest.mark.parametrize("backend, cause", [
     ("compile", "layout"), ("triton", "layout"), ("torch", "shape"), ("compile", "shape"), ("triton", "shape"),
+    ("torch", "dtype"), ("compile", "dtype"), ("triton", "dtype"),
 ])
 def test_a_group_that_cannot_step_leaves_every_group_unchanged(first_backend, backend, cause):
     """Every group is checked (its compiles and tables made) before the first one steps: a later
@@ -150,12 +152,69 @@ def test_a_group_that_cannot_step_leaves_every_group_unchanged(first_backend, ba
     if cause == "layout":
         b.data = b.data.t().contiguous().t()  # the param changes layout; its state does not
         message = f"backend='{backend}' needs exp_avg laid out like its param"
+    elif cause == "dtype":  # model.double() after the optimizer was built
+        b.data = b.data.double()
+        b.grad = b.grad.double()
+        message = (r"exp_avg is torch.float32 for a torch.float64 param \(expected torch.float64\): the param's dtype "
+                   r"changed after its state was made; opt.load_state_dict\(opt.state_dict\(\)\) converts")
     else:
         opt.state[b]["exp_avg"] = torch.zeros(6, 4)
         message = r"exp_avg .*shape \(6, 4\)"
     before = snapshot(opt)
     with pytest.raises(ValueError, match=message):
         opt.step()
+    assert_bitwise_equal(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_after_a_param_dtype_change_a_state_dict_round_trip_converts_the_state(backend):
+    """What the dtype error suggests works: the reload makes fp64 moments for the fp64 param,
+    and the run goes on as a fresh optimizer loaded with the same checkpoint does."""
+    gen = torch.Generator().manual_seed(4)
+    param = torch.randn(40, generator=gen).requires_grad_()
+    opt = MaskedAdamW([param], lr=1e-2, density=0.5, backend=backend)
+    set_random_grads([param], gen)
+    opt.step()
+    param.data = param.data.double()
+    opt.load_state_dict(opt.state_dict())
+    assert opt.state[param]["exp_avg"].dtype == torch.float64 and opt.state[param]["importance"].dtype == torch.float32
+    twin_param = param.detach().clone().requires_grad_()
+    twin = MaskedAdamW([twin_param], lr=1e-2, density=0.5, backend="torch")
+    twin.load_state_dict(opt.state_dict())
+    for p in (param, twin_param):
+        set_random_grads([p], torch.Generator().manual_seed(5))
+    opt.step()
+    twin.step()
+    assert_close(param.detach(), twin_param.detach(), "after the reload")
+
+
+@pytest.mark.parametrize("cause", ["shape", "dtype"])
+def test_observe_checks_every_group_before_changing_any(cause):
+    """observe() checks every group's state as a step does: a later group whose param was
+    resized (or changed dtype) raises a named error, and earlier groups keep their importance."""
+    opt, a, b = _two_groups_stepped("torch", "torch")
+    opt.param_groups[0]["density"] = 0.5
+    if cause == "shape":
+        b.data = torch.randn(5)
+        b.grad = torch.randn(5)
+        message = r"exp_avg of shape \(4, 6\) on cpu does not match its param \(shape \(5,\) on cpu\)"
+    else:
+        b.data = b.data.double()
+        b.grad = b.grad.double()
+        message = r"exp_avg is torch.float32 for a torch.float64 param"
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.observe()
+    assert_bitwise_equal(snapshot(opt), before)
+
+
+def test_consolidate_refuses_a_resized_param_before_changing_any():
+    opt, a, b = _two_groups_stepped("torch", "torch")
+    b.data = torch.randn(5)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"consolidate\(\): param group 1: importance of shape \(4, 6\) does not "
+                                         r"match its param \(shape \(5,\)\)"):
+        opt.consolidate(reset_moments=True)
     assert_bitwise_equal(snapshot(opt), before)
 
 

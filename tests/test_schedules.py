@@ -142,6 +142,29 @@ def test_state_dict_round_trip_reproduces_the_run(kind):
     assert_bitwise_equal(snapshot(resumed_opt), snapshot(opt))
 
 
+def test_a_group_added_after_the_scheduler_is_named_not_silently_skipped():
+    """A group added later would be left alone by this scheduler but scheduled by one made after
+    it (a resumed run): the runs would part, so step() refuses, changing nothing; a scheduler
+    made after the group was added (None leaves it alone) works, and its state refuses to load
+    into a scheduler of another number of groups."""
+    a, b = params((64,), (64,))
+    opt = MaskedAdamW([a], lr=0.01)
+    scheduler = DensityScheduler(opt, end=0.2, steps=4)
+    opt.add_param_group({"params": [b]})
+    before = [dict(g) for g in opt.param_groups]
+    for call in (scheduler.step, lambda: scheduler.step_to(2)):
+        with pytest.raises(ValueError, match=r"Invalid optimizer: it has 2 param groups, and this DensityScheduler was "
+                                             r"made for 1 \(add_param_group after the scheduler was made\?\)"):
+            call()
+    assert scheduler.last_epoch == 0 and [dict(g) for g in opt.param_groups] == before
+    both = DensityScheduler(opt, [lambda step: max(0.2, 1.0 - 0.2 * step), None])
+    both.step()
+    assert [g["density"] for g in opt.param_groups] == [0.8, 1.0]
+    with pytest.raises(ValueError, match=r"Invalid state_dict: it schedules 1 param groups, this DensityScheduler 2"):
+        both.load_state_dict(scheduler.state_dict())
+    assert both.last_epoch == 1
+
+
 def test_resume_with_last_epoch_like_lr_schedulers():
     opt = MaskedAdamW(params((3,)), density=1.0)
     DensityScheduler(opt, end=0.2, steps=4)  # records initial_density = 1.0

@@ -152,10 +152,6 @@ def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
         raise ValueError(f"backend='triton' steps float32, bfloat16, float16 and float64 params, got {param.dtype}")
     if t.grad.dtype not in TRITON_DTYPES:
         raise ValueError(f"backend='triton' cannot read {t.grad.dtype} gradients")
-    math = math_dtype(param.dtype)
-    for name in ("exp_avg", "exp_avg_sq"):
-        if getattr(t, name).dtype != math:
-            raise ValueError(f"backend='triton' needs {name} in {math} for a {param.dtype} param, got {getattr(t, name).dtype}")
     for name in ("importance", "anchor"):
         tensor = getattr(t, name)
         if tensor is not None and tensor.dtype not in IMPORTANCE_DTYPES:
