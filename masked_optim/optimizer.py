@@ -648,6 +648,8 @@ class MaskedAdamW(Optimizer):
         call it then; it needs every param of a group sharded over the same process groups
         (counts are per group, so a group mixing sharded and replicated params cannot be summed).
         """
+        if not isinstance(global_counts, bool):
+            raise ValueError(f"Invalid global_counts: {global_counts!r} (must be a bool)")
         report: list[dict[str, Any]] = []
         count_groups = [common_shard_groups(g["params"], i) for i, g in enumerate(self.param_groups)] if global_counts else []
         for index, group in enumerate(self.param_groups):

@@ -287,3 +287,10 @@ def test_auto_on_the_cpu_needs_the_compiler_cxx_names(monkeypatch):
     assert backends.resolve("auto", cpu, large) == "torch"
     monkeypatch.setenv("CXX", f"{sys.executable} --version")  # any existing program stands in
     assert backends.resolve("auto", cpu, large) == "compile"
+
+
+def test_mask_stats_global_counts_must_be_a_bool():
+    param = torch.randn(4, requires_grad=True)
+    opt = MaskedAdamW([param])
+    with pytest.raises(ValueError, match=r"Invalid global_counts: 'x' \(must be a bool\)"):
+        opt.mask_stats(global_counts="x")
