@@ -3,7 +3,10 @@
 with the trainer's optimizer steps. Each module imports its framework: import the one you use."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from masked_optim.schedules import DensityScheduler
 
 
 def check_schedule(schedule: Any, options: dict) -> None:
@@ -20,7 +23,7 @@ def check_schedule(schedule: Any, options: dict) -> None:
     DensityScheduler(MaskedAdamW([{"params": [torch.zeros(1)]} for _ in range(max(groups, 1))]), schedule, **options)
 
 
-def make_scheduler(optimizer: Any, schedule: Any, options: dict, step: int):
+def make_scheduler(optimizer: Any, schedule: Any, options: dict, step: int) -> "DensityScheduler":
     """The callbacks' scheduler, at the trainer's optimizer-step count ``step`` (a resumed run:
     the checkpoint's param groups carry each one's ``initial_density``)."""
     from masked_optim import DensityScheduler

@@ -36,11 +36,13 @@ class DensityCallback(TrainerCallback):
         self.scheduler: Optional[DensityScheduler] = None
         check_schedule(schedule, options)
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """Build the scheduler on the Trainer's optimizer at its step count (0, or a resume's)."""
         if optimizer is None:
             raise RuntimeError("DensityCallback: the Trainer passed no optimizer to on_train_begin")
         self.scheduler = make_scheduler(optimizer, self.schedule, self.options, state.global_step)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Set the density of the Trainer's optimizer-step count."""
         self.scheduler.step_to(state.global_step)
 

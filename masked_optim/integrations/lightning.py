@@ -34,13 +34,15 @@ class DensityCallback(Callback):
         self.scheduler: Optional[DensityScheduler] = None
         check_schedule(schedule, options)
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Build the scheduler on the trainer's optimizer at ``global_step`` (0, or a resume's)."""
         if not 0 <= self.optimizer_index < len(trainer.optimizers):
             raise ValueError(f"Invalid optimizer_index: {self.optimizer_index} (the trainer has "
                              f"{len(trainer.optimizers)} optimizer(s))")
         optimizer = trainer.optimizers[self.optimizer_index]
         self.scheduler = make_scheduler(optimizer, self.schedule, self.options, trainer.global_step)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Set the density of ``trainer.global_step`` once an optimizer step was taken."""
         if self.scheduler.last_epoch != trainer.global_step:
             self.scheduler.step_to(trainer.global_step)
