@@ -79,6 +79,10 @@ def check(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dic
     """Refuse a checkpoint the optimizer with ``param_groups`` cannot continue from (ValueError),
     before anything changes; returns what ``MaskedAdamW._restore_checkpoint`` needs."""
 
+    missing = [key for key in ("state", "param_groups") if key not in state_dict]
+    if missing:
+        raise ValueError(f"Invalid checkpoint: no {' or '.join(map(repr, missing))} (an optimizer's state_dict() has "
+                         f"'state' and 'param_groups'; got keys {sorted(map(str, state_dict))[:8]})")
     saved_groups = state_dict["param_groups"]
     current_groups = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
     for index, (saved, current) in enumerate(zip(saved_groups, current_groups)):

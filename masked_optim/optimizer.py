@@ -16,7 +16,8 @@ from masked_optim.distributed import all_reduce_sum, common_shard_groups, is_dte
 from masked_optim.functional import GroupHyper, GroupStats, TensorState
 from masked_optim.layouts import check_dense, is_dense, real_view
 from masked_optim.options import (
-    DEFAULTS, IMPORTANCES, _number, adamw_flag, importance_dtype_name, validate_group, validate_param,
+    DEFAULTS, IMPORTANCES, _number, adamw_flag, importance_dtype_name, user_stacklevel, validate_group, validate_param,
+    warn_misspelt_options,
 )
 
 _IMPORTANCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -112,7 +113,7 @@ def _warn_without_anchor_param(index: int) -> None:
     warnings.warn(
         f"param group {index} has anchor_decay > 0 but tensors without anchor_param: consolidate() copies "
         "the params only in groups with anchor_decay > 0 at that time, so these tensors are pulled back "
-        "toward nothing; set anchor_decay before consolidate() (or call it again)", UserWarning, stacklevel=4,
+        "toward nothing; set anchor_decay before consolidate() (or call it again)", UserWarning, stacklevel=user_stacklevel(),
     )
 
 
@@ -243,7 +244,13 @@ class MaskedAdamW(Optimizer):
         self._last_stats: list[Optional[GroupStats]] = []
         if fused:
             self._step_supports_amp_scaling = True
-        super().__init__(params, defaults)
+        try:
+            super().__init__(params, defaults)
+        except ValueError as error:
+            if "empty parameter list" in str(error) and iter(params) is params:  # (an iterator: e.g. a generator)
+                raise ValueError(f"{error} (params is an iterator that yielded nothing: model.parameters() is a "
+                                 "generator, used up by an optimizer made from it before; call it again)") from None
+            raise
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -267,6 +274,7 @@ class MaskedAdamW(Optimizer):
             merged["importance_dtype"] = importance_dtype_name(merged["importance_dtype"])
             param_group = {**param_group, "importance_dtype": merged["importance_dtype"]}
         validate_group(merged)
+        warn_misspelt_options(param_group)
         params = param_group["params"]
         if isinstance(params, set):
             raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
@@ -517,6 +525,9 @@ class MaskedAdamW(Optimizer):
                 hyper = GroupHyper.from_group(group)
                 functional.prepare(tensors, hyper, backend="torch")
                 observed.append((tensors, fresh, hyper))
+        if not observed:
+            warnings.warn("observe(): no param has a grad, so nothing was observed (run backward() on a batch first; "
+                          "zero_grad() clears the grads)", UserWarning, stacklevel=user_stacklevel())
         for tensors, fresh, hyper in observed:
             self._keep_fresh(fresh)
             device_scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=tensors[0].param.device)
@@ -572,7 +583,7 @@ class MaskedAdamW(Optimizer):
             warnings.warn(
                 "consolidate() before any step() or observe(): no importance has been measured, so no anchor "
                 "is made and nothing will be protected or pulled back" + (" (the moments were reset)" if reset_moments else "")
-                + ". Run observe() on gradients of the old data (or train on it) first", UserWarning, stacklevel=2,
+                + ". Run observe() on gradients of the old data (or train on it) first", UserWarning, stacklevel=user_stacklevel(),
             )
             return
         for group, params in zip(self.param_groups, taking_part):

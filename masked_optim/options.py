@@ -4,8 +4,11 @@ Every check raises before anything is changed, with a message naming the argumen
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+import sys
+import warnings
 from typing import Any
 
 import torch
@@ -162,3 +165,30 @@ def validate_param(param: Tensor) -> None:
         raise TypeError(f"params must be Tensors, got {type(param).__name__}")
     if not (param.is_floating_point() or param.is_complex()):
         raise ValueError(f"Invalid param dtype: {param.dtype} (MaskedAdamW steps floating-point and complex params only)")
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, called from the function that warns, of the first frame
+    outside masked_optim and torch: a warning names the user's line, not a decorator's or
+    ``Optimizer.__init__``'s."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("masked_optim", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+#: keys torch and its schedulers (and ours) put in param groups besides the options
+_KNOWN_EXTRA_KEYS = ("params", "param_names", "initial_lr", "initial_density", "capturable")
+
+
+def warn_misspelt_options(group: dict) -> None:
+    """Warn about a param-group key that is no option but close to one (``densityy``): extra
+    keys are kept, as torch's optimizers keep them (names, tags), so a misspelt option would
+    otherwise be silently ignored."""
+    for key in group:
+        if not isinstance(key, str) or key in DEFAULTS or key in _KNOWN_EXTRA_KEYS:
+            continue
+        close = difflib.get_close_matches(key, list(DEFAULTS), n=1, cutoff=0.8)
+        if close:
+            warnings.warn(f"param group key {key!r} is not a MaskedAdamW option (did you mean {close[0]!r}?): it is kept, "
+                          "as torch's optimizers keep extra keys, and changes nothing", UserWarning, stacklevel=user_stacklevel())

@@ -51,6 +51,14 @@ def _kinds(model: nn.Module) -> dict[int, set[str]]:
     return kinds
 
 
+def _check_model(function: str, model: Any) -> None:
+    """The builders take the module (they read its names and layer types), not its parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{function} takes the model (an nn.Module: it reads parameter names and layer types), "
+                        f"got {type(model).__name__}" + (" (pass the model, not model.parameters())"
+                                                         if isinstance(model, Iterable) else ""))
+
+
 def _check_no_decay(no_decay: Iterable[str]) -> frozenset[str]:
     chosen = frozenset(no_decay) if not isinstance(no_decay, str) else frozenset((no_decay,))
     unknown = sorted(chosen - set(NO_DECAY_KINDS))
@@ -119,6 +127,7 @@ def decay_groups(
 
         opt = MaskedAdamW(decay_groups(model, weight_decay=0.1), lr=3e-4)
     """
+    _check_model("decay_groups", model)
     _check_weight_decay(weight_decay)
     _check_options(options, ("params",))
     exempt = no_decay_names(model, no_decay, no_decay_patterns)
@@ -189,6 +198,7 @@ def layerwise_lr_groups(
         ValueError: on lr < 0, decay outside (0, 1], weight_decay < 0, or when no parameter
             name matches ``layer_pattern``.
     """
+    _check_model("layerwise_lr_groups", model)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0)")
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
@@ -200,7 +210,12 @@ def layerwise_lr_groups(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     blocks = [int(m.group(1)) for m in (pattern.search(n) for n, _ in named) if m]
     if not blocks:
-        raise ValueError(f"Invalid layer_pattern: {layer_pattern!r} (matches no parameter name of the model)")
+        names = [n for n, _ in named]
+        shown = ", ".join(map(repr, names[:4])) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        raise ValueError(
+            f"Invalid layer_pattern: {layer_pattern!r} (matches no parameter name of the model: {shown}; its first "
+            "group must capture the block index, e.g. layer_pattern=r\"^(\\d+)\\.\" for an nn.Sequential of blocks)"
+        )
     if num_layers is None:
         num_layers = max(blocks) + 1
     elif isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:

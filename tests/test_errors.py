@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the argument and value, and nothing is half-applied."""
+import warnings
+
 import pytest
 import torch
 
@@ -294,3 +296,43 @@ def test_mask_stats_global_counts_must_be_a_bool():
     opt = MaskedAdamW([param])
     with pytest.raises(ValueError, match=r"Invalid global_counts: 'x' \(must be a bool\)"):
         opt.mask_stats(global_counts="x")
+
+
+def test_a_misspelt_group_option_warns_at_the_users_line_and_extra_keys_stay_quiet():
+    param = torch.randn(4, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"param group key 'densityy' is not a MaskedAdamW option \(did you mean "
+                                         r"'density'\?\)") as record:
+        opt = MaskedAdamW([{"params": [param], "densityy": 0.1}])
+    assert [w.filename for w in record] == [__file__]  # the user's line, not Optimizer.__init__'s
+    assert opt.param_groups[0]["densityy"] == 0.1 and opt.param_groups[0]["density"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # names and schedulers' keys are no misspellings
+        opt.add_param_group({"params": [torch.randn(3, requires_grad=True)], "name": "head", "initial_lr": 1e-3})
+
+
+def test_a_used_up_generator_of_params_is_named():
+    model = torch.nn.Linear(3, 2)
+    params = model.parameters()
+    MaskedAdamW(params)
+    with pytest.raises(ValueError, match=r"empty parameter list \(params is an iterator that yielded nothing: "
+                                         r"model.parameters\(\) is a generator"):
+        MaskedAdamW(params)
+    with pytest.raises(ValueError, match=r"^optimizer got an empty parameter list$"):
+        MaskedAdamW([])
+
+
+def test_a_checkpoint_without_state_or_param_groups_is_named():
+    opt = MaskedAdamW([torch.randn(4, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"Invalid checkpoint: no 'state' or 'param_groups' .*got keys \['foo'\]"):
+        opt.load_state_dict({"foo": 1})
+
+
+def test_observe_without_grads_and_consolidate_before_any_importance_warn_at_the_users_line():
+    param = torch.randn(4, requires_grad=True)
+    opt = MaskedAdamW([param])
+    with pytest.warns(UserWarning, match=r"observe\(\): no param has a grad, so nothing was observed") as record:
+        opt.observe()
+    with pytest.warns(UserWarning, match=r"consolidate\(\) before any step\(\) or observe\(\)") as more:
+        opt.consolidate()
+    assert [w.filename for w in [*record, *more]] == [__file__, __file__]
+    assert "importance" not in opt.state[param]

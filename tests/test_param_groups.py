@@ -193,6 +193,20 @@ def test_layerwise_lr_bad_input(kwargs, message):
         layerwise_lr_groups(TinyGPT(layers=3), **kwargs)
 
 
+def test_the_builders_name_what_they_take():
+    """Given model.parameters() instead of the model, they say so; a pattern that matches no
+    name shows the model's names and how to write one."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    for build in (lambda m: decay_groups(m, 0.1), lambda m: layerwise_lr_groups(m, 1e-3, 0.9)):
+        with pytest.raises(TypeError, match=r"takes the model \(an nn.Module.*got generator \(pass the model, not model.parameters\(\)\)"):
+            build(model.parameters())
+    with pytest.raises(ValueError, match=r"matches no parameter name of the model: '0.weight', '0.bias', '2.weight', "
+                                         r"'2.bias', ... \(6 in all\); its first group must capture the block index"):
+        layerwise_lr_groups(model, 1e-3, 0.9)
+    groups = layerwise_lr_groups(model, 1e-3, 0.5, layer_pattern=r"^(\d+)\.")  # the pattern the message suggests
+    assert [g["lr"] for g in groups] == [1e-3 * 0.5 ** 4, 1e-3 * 0.5 ** 2, 1e-3 * 0.5]  # blocks 0, 2, 3 of 4
+
+
 def test_tiny_hf_gpt2():
     """On a real (random, tiny) GPT-2: HF's decay set minus the embeddings (and the head tied to
     wte, which HF lists by name); blocks found by name."""
