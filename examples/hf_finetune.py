@@ -144,6 +144,9 @@ def train(model: torch.nn.Module, data: Blocks, steps: int, options: dict[str, A
     ``--output-dir``/``run``; returns the optimizer."""
     import transformers
 
+    plain = set(options) <= {"lr", "weight_decay"}  # density 1, no anchor: AdamW's steps exactly
+    print(f"--- {run}: {steps} Trainer steps, MaskedAdamW({', '.join(f'{k}={v}' for k, v in options.items())})"
+          + (" = AdamW" if plain else ""), flush=True)
     train_args = transformers.TrainingArguments(
         output_dir=os.path.join(args.output_dir, run), max_steps=steps, per_device_train_batch_size=args.batch_size,
         learning_rate=options["lr"], weight_decay=args.weight_decay, lr_scheduler_type="constant",
@@ -215,6 +218,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
             model.load_state_dict(reference)
             train(model, new, args.steps, dict(lr=args.lr, weight_decay=args.weight_decay), args, "baseline")
             results.update(old_after_adamw=mean_loss(model, old, args), new_after_adamw=mean_loss(model, new, args))
+    print("--- losses (old: the data the model should keep knowing; new: the fine-tuning data)")
     for key, value in results.items():
         print(f"{key:>20}: {value:.4f}" + ("" if "density" in key else f"  (perplexity {math.exp(value):.1f})"))
     return results

@@ -202,6 +202,6 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("masked-protect-anchor+eps", "masked", dict(density=0.9, anchor_decay=3.0, **_PROTECT, **_EPS), how="sum"),
 ]}
 # the default run (under a minute on 2 cores): the baselines and MaskedAdamW's best configuration
-DEFAULT_METHODS = ["adamw", "ewc-adamw", "ewc-sgd", "masked-anchor", "masked-anchor+eps"]
+DEFAULT_METHODS = ["adamw", "grad-mask", "ewc-adamw", "ewc-sgd", "masked-anchor", "masked-anchor+eps"]
 # ``--full``: the published 8-seed table (results/cl); later validation-only candidates are left out
 FULL_METHODS = [name for name in METHODS if name != "masked-protect-anchor+eps"]

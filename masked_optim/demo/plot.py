@@ -26,9 +26,10 @@ def plot_results(results: dict[str, list[np.ndarray]], path: str | Path, title: 
     for offset, key, label in ((-0.2, "acc", "ACC (final, all tasks)"), (0.2, "new", "NEW (task just trained)")):
         left.bar(x + offset, [s[key][0] for s in stats], 0.4, yerr=[s[key][1] for s in stats], label=label, capsize=3)
     left.set_xticks(x, names, rotation=30, ha="right")
-    left.set_ylim(0, 1)
+    left.set_ylim(0, 1.15)  # headroom for the legend above the bars
+    left.set_yticks(np.linspace(0, 1, 6))
     left.set_ylabel("test accuracy")
-    left.legend(loc="lower left")
+    left.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     left.grid(axis="y", alpha=0.3)
     colours = plt.cm.tab20(np.linspace(0, 1, 20))
     for index, name in enumerate(names):
