@@ -6,7 +6,8 @@ The recipe, for any model the Trainer can train:
   3. fine-tune on the new data with ``Trainer(optimizer_cls_and_kwargs=(MaskedAdamW, {...}))``:
      important weights are pulled back toward theta* (``anchor_decay``) and only the top
      ``density`` of the scores move each step.
-Steps 1-2 run in a TrainerCallback at ``on_train_begin`` (the Trainer creates the optimizer).
+Steps 1-2 run in ``masked_optim.integrations.hf.ConsolidateCallback`` when training starts (the
+Trainer creates the optimizer inside ``train()``).
 Note: with ``optimizer_cls_and_kwargs`` the Trainer does not pass ``learning_rate`` to the
 optimizer; it goes in the kwargs (the Trainer's decay/no-decay split still applies).
 
@@ -22,10 +23,12 @@ rose from 1.68 to 3.39 with MaskedAdamW and to 5.58 with AdamW, while the new lo
 With --output-dir D and --save-steps N each run keeps its checkpoints apart (D/pretrain,
 D/fine-tune, D/baseline); --resume D/fine-tune/checkpoint-N continues the fine-tuning exactly.
 
-Real size (GPU; any causal LM and two plain-text files):
+Real size (GPU; any causal LM and two plain-text files; not run at this size yet). The pull
+toward theta* scales with lr x anchor_decay, which was 0.01-0.03 in the experiments (README,
+"Choosing settings"): at lr 5e-5 that is anchor_decay 200-600, with density 1 to start:
 
     python examples/hf_finetune.py --model-name gpt2 --old-text old.txt --new-text new.txt \
-        --steps 2000 --batch-size 8 --seq-len 512 --lr 5e-5 --bf16 --density 0.1 --anchor-decay 10
+        --steps 2000 --batch-size 8 --seq-len 512 --lr 5e-5 --bf16 --density 1 --anchor-decay 200
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from masked_optim import MaskedAdamW
+from masked_optim.integrations.hf import ConsolidateCallback
 
 
 class Blocks(Dataset):
@@ -108,30 +112,6 @@ def mean_loss(model: torch.nn.Module, data: Blocks, args: argparse.Namespace) ->
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         losses = [model(**batch).loss.float().item() for batch in batches(data, args.batch_size, args.eval_batches, device)]
     return sum(losses) / len(losses)
-
-
-def consolidate_on(old: Blocks, args: argparse.Namespace):
-    """A callback that calibrates importance on ``old`` and consolidates before the first step."""
-    import transformers
-
-    class ConsolidateOnOldData(transformers.TrainerCallback):
-        def on_train_begin(self, train_args, state, control, model=None, optimizer=None, **kwargs):
-            if state.global_step > 0:  # resumed from a checkpoint: the anchor is in the optimizer state
-                return
-            opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
-            device = next(model.parameters()).device
-            model.eval()
-            for batch in batches(old, args.batch_size, args.calibration_batches, device):
-                model.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    loss = model(**batch).loss
-                loss.backward()
-                opt.observe()  # importance only: no parameter or moment changes
-            model.zero_grad(set_to_none=True)
-            model.train()
-            opt.consolidate()
-
-    return ConsolidateOnOldData()
 
 
 #: each run's subdirectory of --output-dir: one run's checkpoints never mix with another's
@@ -210,7 +190,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.baseline else None
         options = dict(lr=args.lr, weight_decay=args.weight_decay, density=args.density, mask=args.mask,
                        anchor_decay=args.anchor_decay, protect_strength=args.protect_strength)
-        opt = train(model, new, args.steps, options, args, "fine-tune", callbacks=[consolidate_on(old, args)], resume=args.resume)
+        opt = train(model, new, args.steps, options, args, "fine-tune", callbacks=[ConsolidateCallback(batches(old, args.batch_size, args.calibration_batches, "cpu"))], resume=args.resume)
         results.update(old_after=mean_loss(model, old, args), new_after=mean_loss(model, new, args))
         stats = [s for s in opt.mask_stats() if s is not None]
         results["realised_density"] = sum(s["elements"] - s["frozen"] for s in stats) / sum(s["elements"] for s in stats)

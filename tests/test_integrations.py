@@ -12,6 +12,7 @@ import torch
 
 from masked_optim import MaskedAdamW
 from tests.helpers import assert_bitwise_equal, snapshot
+from tests.tolerances import assert_close
 
 OPTIONS = dict(lr=3e-3, density=0.5, anchor_decay=10.0, importance_beta=0.9)
 
@@ -106,6 +107,70 @@ def test_hf_density_callback_schedules_and_resumes(tmp_path):
     expected = [(step, pytest.approx(0.5 - 0.1 * step)) for step in range(4)]
     assert runs[0][0] == expected and runs[1][0] == expected[2:]
     assert_bitwise_equal(runs[1][1], runs[0][1])
+
+
+def test_hf_consolidate_callback_observes_the_old_batches_then_consolidates(tmp_path):
+    """``integrations.hf.ConsolidateCallback``: before the first step, the Trainer's own
+    optimizer observes the old batches (eval mode) and consolidates; its anchors are those of a
+    twin optimizer given the same batches by hand. A resumed run skips it (the checkpoint holds
+    the anchors) and still ends bit-identical."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from masked_optim.integrations.hf import ConsolidateCallback
+
+    tokens = torch.randint(0, 128, (20, 16), generator=torch.Generator().manual_seed(7))
+    old = [{"input_ids": tokens[i:i + 4], "labels": tokens[i:i + 4]} for i in range(0, 20, 4)]
+    with pytest.raises(ValueError, match=r"Invalid batches: a dict"):
+        ConsolidateCallback(old[0])
+    with pytest.raises(ValueError, match=r"Invalid max_batches: 0"):
+        ConsolidateCallback(old, max_batches=0)
+
+    class AtStart(transformers.TrainerCallback):  # what the optimizer holds when the first step begins
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step == 0:
+                opt = unwrap(optimizer)
+                self.groups = [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
+                               for g in opt.param_groups]
+                self.anchors = {id(p): opt.state[p]["anchor"].clone() for g in opt.param_groups for p in g["params"]}
+                self.training, self.grads = model.training, [p.grad for p in model.parameters()]
+
+    runs = []
+    for name, resume in (("a", None), ("b", tmp_path / "a" / "checkpoint-2")):
+        callback, start = ConsolidateCallback(old, max_batches=3), AtStart()
+        trainer = hf_trainer(str(tmp_path / name), model_seed=0, callbacks=(callback, start))
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        runs.append((callback.observed, snapshot(unwrap(trainer.optimizer))))
+    assert [observed for observed, _ in runs] == [3, 0]
+    assert_bitwise_equal(runs[1][1], runs[0][1])
+
+    # the twin: the same initial weights and param groups, the first 3 batches observed by hand
+    first = ConsolidateCallback(old, max_batches=3)
+    start = AtStart()
+    trainer = hf_trainer(str(tmp_path / "c"), model_seed=0, callbacks=(first, start))
+    initial = copy.deepcopy(trainer.model)
+    trainer.train()
+    assert start.training and all(g is None for g in start.grads)  # train mode back, grads cleared
+    by_id = dict(zip((id(p) for p in trainer.model.parameters()), initial.parameters()))
+    twin = MaskedAdamW([{"params": [by_id[i] for i in ids], **options} for ids, options in start.groups])
+    initial.eval()
+    for batch in old[:3]:
+        initial.zero_grad(set_to_none=True)
+        initial(**batch).loss.backward()
+        twin.observe()
+    twin.consolidate()
+    for i, p in by_id.items():
+        assert_close(start.anchors[i], twin.state[p]["anchor"], "anchor")
+
+
+def test_hf_consolidate_callback_refuses_another_optimizer(tmp_path):
+    pytest.importorskip("transformers")
+    from masked_optim.integrations.hf import ConsolidateCallback
+
+    trainer = hf_trainer(str(tmp_path), model_seed=0, callbacks=(ConsolidateCallback([{"input_ids": torch.zeros(1, 4)}]),))
+    trainer.optimizer_cls_and_kwargs = (torch.optim.AdamW, {"lr": 1e-3})
+    with pytest.raises(TypeError, match=r"ConsolidateCallback needs the Trainer's optimizer to be a MaskedAdamW, got AdamW"):
+        trainer.train()
 
 
 @pytest.mark.parametrize("fused", [None, True])

@@ -1,4 +1,10 @@
-"""A Hugging Face ``Trainer`` callback that schedules MaskedAdamW's density.
+"""Hugging Face ``Trainer`` callbacks for MaskedAdamW: measure what the model knows before
+fine-tuning, and schedule the density.
+
+``ConsolidateCallback`` runs MaskedAdamW's task boundary when training starts, on the Trainer's
+own optimizer (which the Trainer makes inside ``train()``): a forward and backward pass and
+``observe()`` on batches of the old data, then ``consolidate()``. A run resumed from a checkpoint
+skips it: the anchors are in the optimizer's checkpoint.
 
 ``DensityScheduler`` is not an LR scheduler, so the Trainer neither steps it nor saves it.
 ``DensityCallback`` builds one on the Trainer's optimizer when training starts and sets the
@@ -9,13 +15,17 @@ run resumed with ``resume_from_checkpoint`` continues the schedule exactly.
 
 Example::
 
-    trainer = Trainer(..., optimizer_cls_and_kwargs=(MaskedAdamW, {"lr": 3e-4, "density": 1.0}),
-                      callbacks=[DensityCallback(end=0.1, steps=1000, mode="cosine")])
+    trainer = Trainer(..., optimizer_cls_and_kwargs=(MaskedAdamW, {"lr": 3e-4, "anchor_decay": 30.0}),
+                      callbacks=[ConsolidateCallback(old_batches),
+                                 DensityCallback(end=0.1, steps=1000, mode="cosine")])
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
+import torch
 from transformers import TrainerCallback
 
 from masked_optim.integrations import check_schedule, make_scheduler
@@ -46,3 +56,71 @@ class DensityCallback(TrainerCallback):
         """Set the density of the Trainer's optimizer-step count."""
         self.scheduler.step_to(state.global_step)
 
+
+
+class ConsolidateCallback(TrainerCallback):
+    """Measure the importance of what the model knows on ``batches`` of old data, then
+    ``consolidate()``, before the Trainer's first step (not when resuming from a checkpoint).
+
+    Args:
+        batches: an iterable (a list, a ``DataLoader``) of model inputs for the old data, each a
+            mapping the model takes as ``model(**batch)`` and whose output has a ``loss`` (e.g.
+            ``input_ids`` and ``labels`` for a causal LM); iterated once per run.
+        max_batches: use at most this many batches (None: all).
+        how: ``consolidate(how=...)``: ``"max"`` or ``"sum"``.
+        reset_moments: ``consolidate(reset_moments=...)``.
+
+    The model is in eval mode during the passes (no dropout) and its grads are cleared before
+    and after; with ``bf16=True`` or ``fp16=True`` in the Trainer's arguments the forward pass
+    runs under the same autocast. Raises ValueError on bad arguments when made, TypeError at the
+    start of training when the Trainer's optimizer is not a MaskedAdamW.
+    """
+
+    def __init__(self, batches: Iterable[Mapping[str, Any]], *, max_batches: Optional[int] = None,
+                 how: str = "max", reset_moments: bool = False) -> None:
+        if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+            raise ValueError(f"Invalid batches: a {type(batches).__name__} (expected an iterable of model inputs, "
+                             "e.g. a list of dicts or a DataLoader)")
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"Invalid max_batches: {max_batches!r} (must be an int >= 1 or None)")
+        if how not in ("max", "sum"):
+            raise ValueError(f"Invalid how: {how!r} (expected 'max' or 'sum')")
+        if not isinstance(reset_moments, bool):
+            raise ValueError(f"Invalid reset_moments: {reset_moments!r} (must be a bool)")
+        self.batches, self.max_batches, self.how, self.reset_moments = batches, max_batches, how, reset_moments
+        #: how many batches the last consolidation observed
+        self.observed = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        """Observe the old batches and consolidate, unless the run resumes past step 0."""
+        if state.global_step > 0:  # resumed from a checkpoint: its optimizer state holds the anchors
+            return
+        from masked_optim import MaskedAdamW
+
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+        if not isinstance(opt, MaskedAdamW):
+            raise TypeError(f"ConsolidateCallback needs the Trainer's optimizer to be a MaskedAdamW, got "
+                            f"{type(opt).__name__} (pass optimizer_cls_and_kwargs=(MaskedAdamW, {{...}}))")
+        device = next(model.parameters()).device
+        dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        was_training = model.training
+        model.eval()
+        self.observed = 0
+        try:
+            for batch in self.batches:
+                if self.max_batches is not None and self.observed >= self.max_batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
+                loss.backward()
+                opt.observe()  # importance only: no parameter or moment changes
+                self.observed += 1
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        if self.observed == 0:
+            raise ValueError("ConsolidateCallback: batches yielded no batch (an exhausted iterator?)")
+        opt.consolidate(self.how, reset_moments=self.reset_moments)
