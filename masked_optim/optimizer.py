@@ -469,34 +469,41 @@ class MaskedAdamW(Optimizer):
             plan = functional.prepare(tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
             steps.append((positions, tensors, states, fresh, backend, hyper, plan, left))
         stats: list[Optional[GroupStats]] = []
+        skipped_on_host: Optional[bool] = None  # found_inf, read once for the torch and compile backends
         for index, (group, prepared) in enumerate(zip(self.param_groups, steps)):
             previous = self._last_stats[index] if index < len(self._last_stats) else None
             if prepared is None:
                 stats.append(previous)
                 continue
             positions, tensors, states, fresh, backend, hyper, plan, left = prepared
+            if found_inf is not None and backend != "triton":
+                if skipped_on_host is None:
+                    skipped_on_host = bool(found_inf.reshape(-1)[0] != 0)
+                if skipped_on_host:  # the step changes nothing, no state or threshold bookkeeping either
+                    stats.append(previous)
+                    continue
             self._keep_fresh(fresh)
             if left:  # a member left the unit: its threshold is derived afresh from this step's scores
                 for state in states:
                     state["threshold_for"] = _STALE
             _forget_stale_thresholds(states, _threshold_key(group), hyper.scope == "group")
-            result = functional.masked_adamw(
-                tensors, hyper, backend=backend, grad_scale=grad_scale, found_inf=found_inf, plan=plan,
+            result = functional.masked_adamw(  # (found_inf was read above for the host backends: taken)
+                tensors, hyper, backend=backend, grad_scale=grad_scale,
+                found_inf=found_inf if backend == "triton" else None, plan=plan,
             )
             if result is not None:
                 members = functional.gated_units(tensors, functional.gated(tensors, hyper), hyper.scope)
                 result.units = [[positions[i] for i in unit] for unit in members]
                 result.masked = functional.masked_count(tensors)
-            # under a scaler the step may have been skipped: keep the hint, unless the host read
-            # found_inf (torch and compile: None when skipped) and knows that the step was taken
-            if found_inf is None or backend != "triton" and result is not None:
+            # under a scaler the Triton step may have been skipped on the device: keep the hint;
+            # the torch and compile backends got here only for a step taken (found_inf read above)
+            if found_inf is None or backend != "triton":
                 key = _threshold_key(group)
                 for state in states:
                     state["threshold_for"] = key
             elif result is not None and backend == "triton":  # found_inf stays on the device
                 result = functional.last_taken(previous, result, found_inf)
-            skipped = found_inf is not None and result is None  # the host read found_inf: skipped
-            if hyper.scope == "group" and len(positions) < len(group["params"]) and not skipped:
+            if hyper.scope == "group" and len(positions) < len(group["params"]):
                 _mark_missed(group["params"], positions, self.state)
             stats.append(result if result is not None else previous)
         self._last_stats[:] = stats  # in place: a compiled step replays list mutations
@@ -558,9 +565,10 @@ class MaskedAdamW(Optimizer):
                 raise ValueError(f"consolidate(): param group {index}: {error}") from None
             for p in group["params"]:  # (a param resized after its state was made: state.data = ...)
                 importance = self.state.get(p, {}).get("importance")
-                if importance is not None and importance.shape != p.shape:
+                like = checkpoint.layout_like("importance", p)  # (a complex param's real view)
+                if importance is not None and importance.shape != like.shape:
                     raise ValueError(f"consolidate(): param group {index}: importance of shape {tuple(importance.shape)} "
-                                     f"does not match its param (shape {tuple(p.shape)})")
+                                     f"does not match its param (shape {tuple(like.shape)})")
         if reset_moments:  # every param with moments (also one that never had importance)
             for group in self.param_groups:
                 for p in group["params"]:

@@ -299,3 +299,18 @@ def test_an_all_true_set_mask_on_an_unused_param_changes_no_anchor(backend):
         return opt.state[a]["anchor"].clone(), "anchor" in opt.state.get(b, {})
     plain, masked = run(False), run(True)
     assert torch.equal(plain[0], masked[0]) and not plain[1] and not masked[1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_consolidate_takes_complex_params(backend):
+    """A complex param steps as its real view, and so does its importance: consolidate() makes
+    its anchor (the resized-param check compares the real view's shape)."""
+    param = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.complex64))
+    other = torch.nn.Parameter(torch.randn(5))
+    opt = MaskedAdamW([param, other], anchor_decay=1.0, backend=backend)
+    for _ in range(2):
+        param.grad, other.grad = torch.randn_like(param), torch.randn_like(other)
+        opt.step()
+    opt.consolidate()
+    assert opt.state[param]["anchor"].shape == (3, 2, 2) and opt.state[param]["anchor"].mean().item() == pytest.approx(1.0)
+    assert opt.state[param]["anchor_param"].dtype == torch.complex64
