@@ -167,12 +167,18 @@ def validate_param(param: Tensor) -> None:
         raise ValueError(f"Invalid param dtype: {param.dtype} (MaskedAdamW steps floating-point and complex params only)")
 
 
+#: packages between a user's line and a warning: ours, torch's, and the training frameworks
+#: that call ``opt.step()`` for the user (accelerate's optimizer wrapper, the HF Trainer, Lightning)
+_LIBRARY_PACKAGES = ("masked_optim", "torch", "accelerate", "transformers", "lightning", "pytorch_lightning")
+
+
 def user_stacklevel() -> int:
     """``warnings.warn``'s stacklevel, called from the function that warns, of the first frame
-    outside masked_optim and torch: a warning names the user's line, not a decorator's or
-    ``Optimizer.__init__``'s."""
+    outside masked_optim, torch and the training frameworks: a warning names the user's line
+    (``trainer.train()`` under a Trainer), not a decorator's, ``Optimizer.__init__``'s or
+    accelerate's."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("masked_optim", "torch"):
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PACKAGES:
         frame, level = frame.f_back, level + 1
     return level
 

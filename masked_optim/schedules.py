@@ -182,6 +182,13 @@ class DensityScheduler:
         if saved is not None and len(saved) != len(self.schedules):
             raise ValueError(f"Invalid state_dict: it schedules {len(saved)} param groups, this DensityScheduler "
                              f"{len(self.schedules)}")
+        if saved is not None and list(saved) != self._scheduled:
+            raise ValueError(f"Invalid state_dict: it schedules the param groups {list(saved)}, this DensityScheduler "
+                             f"{self._scheduled} (make it with a function or None per group as the saved one)")
+        if "end" in state_dict and (state_dict["end"] is None) != (self.end is None):
+            made = "schedule=" if self.end is None else "end and steps"
+            raise ValueError(f"Invalid state_dict: saved by a DensityScheduler made with "
+                             f"{'schedule=' if state_dict['end'] is None else 'end and steps'}, this one with {made}")
         for key in _SAVED:
             if key in state_dict:
                 setattr(self, key, state_dict[key])

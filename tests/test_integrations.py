@@ -163,6 +163,36 @@ def test_hf_consolidate_callback_observes_the_old_batches_then_consolidates(tmp_
         assert_close(start.anchors[i], twin.state[p]["anchor"], "anchor")
 
 
+def test_hf_consolidate_callback_takes_exactly_max_batches_and_names_bad_batches(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from masked_optim.integrations.hf import ConsolidateCallback
+
+    tokens = torch.randint(0, 128, (20, 16), generator=torch.Generator().manual_seed(7))
+    batches = iter([{"input_ids": tokens[i:i + 4], "labels": tokens[i:i + 4]} for i in range(0, 20, 4)])
+    callback = ConsolidateCallback(batches, max_batches=2)
+    hf_trainer(str(tmp_path / "a"), model_seed=0, callbacks=(callback,)).train()
+    assert callback.observed == 2 and len(list(batches)) == 3  # the iterator lost no batch
+
+    for bad, message in (([[tokens[:4], tokens[:4]]], r"batch 0 is a list \(expected a mapping of model inputs"),
+                         ([{"input_ids": tokens[:4]}], r"the model returned no loss for batch 0 \(give 'labels'\)")):
+        trainer = hf_trainer(str(tmp_path / "b"), model_seed=0, callbacks=(ConsolidateCallback(bad),))
+        with pytest.raises(ValueError, match=r"Invalid batches: " + message):
+            trainer.train()
+
+    class LateAnchorDecay(transformers.TrainerCallback):  # a restoring force asked for after the boundary
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            unwrap(optimizer).param_groups[0]["anchor_decay"] = 0.0  # none at the step-1 consolidate()
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step == 2:
+                unwrap(optimizer).param_groups[0]["anchor_decay"] = 1.0
+
+    trainer = hf_trainer(str(tmp_path / "c"), model_seed=0, callbacks=(LateAnchorDecay(),))
+    with pytest.warns(UserWarning, match="anchor_decay > 0 but tensors without anchor_param") as record:
+        trainer.train()  # the warning names this line, not accelerate's or the Trainer's
+    assert {w.filename for w in record if "anchor_param" in str(w.message)} == {__file__}
+
+
 def test_hf_consolidate_callback_refuses_another_optimizer(tmp_path):
     pytest.importorskip("transformers")
     from masked_optim.integrations.hf import ConsolidateCallback

@@ -165,6 +165,29 @@ def test_a_group_added_after_the_scheduler_is_named_not_silently_skipped():
     assert both.last_epoch == 1
 
 
+def test_a_state_of_another_kind_of_schedule_is_refused_before_any_change():
+    """A state saved by a scheduler that schedules other groups, or by one made with schedule=
+    where this one has end and steps (or the reverse), would leave a given function unused or
+    step with None: refused at load, nothing changed."""
+    f, g = (lambda step: max(0.2, 1.0 - 0.1 * step)), (lambda step: max(0.3, 1.0 - 0.2 * step))
+
+    def make(*args, **kwargs):
+        return DensityScheduler(MaskedAdamW([{"params": params((4,))}, {"params": params((4,))}]), *args, **kwargs)
+
+    both, first_only, linear = make([f, g]), make([f, None]), make(end=0.2, steps=4)
+    for target, source, message in (
+        (first_only, both, r"it schedules the param groups \[True, True\], this DensityScheduler \[True, False\]"),
+        (both, first_only, r"it schedules the param groups \[True, False\], this DensityScheduler \[True, True\]"),
+        (linear, both, r"saved by a DensityScheduler made with schedule=, this one with end and steps"),
+        (both, linear, r"saved by a DensityScheduler made with end and steps, this one with schedule="),
+    ):
+        source.step()
+        before = dict(vars(target))
+        with pytest.raises(ValueError, match=r"Invalid state_dict: " + message):
+            target.load_state_dict(source.state_dict())
+        assert dict(vars(target)) == before
+
+
 def test_resume_with_last_epoch_like_lr_schedulers():
     opt = MaskedAdamW(params((3,)), density=1.0)
     DensityScheduler(opt, end=0.2, steps=4)  # records initial_density = 1.0

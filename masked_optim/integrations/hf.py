@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -108,13 +109,21 @@ class ConsolidateCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         self.observed = 0
+        # take the batches first (exactly max_batches from an iterator) and check their kind
+        # before anything is observed
+        batches = list(itertools.islice(self.batches, self.max_batches))
+        for index, batch in enumerate(batches):
+            if not isinstance(batch, Mapping):
+                raise ValueError(f"Invalid batches: batch {index} is a {type(batch).__name__} (expected a mapping of "
+                                 "model inputs, e.g. {'input_ids': ..., 'labels': ...})")
         try:
-            for batch in self.batches:
-                if self.max_batches is not None and self.observed >= self.max_batches:
-                    break
+            for index, batch in enumerate(batches):
                 model.zero_grad(set_to_none=True)
                 with autocast:
                     loss = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
+                if loss is None:
+                    raise ValueError(f"Invalid batches: the model returned no loss for batch {index} (give 'labels'); "
+                                     f"{index} batch(es) before it were observed")
                 loss.backward()
                 opt.observe()  # importance only: no parameter or moment changes
                 self.observed += 1
