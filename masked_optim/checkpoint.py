@@ -70,7 +70,10 @@ def _check_threshold(pid: Any, threshold: Tensor, threshold_for: Any) -> None:
     if not lowest <= value <= thr.NUM_BINS:
         raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold'] is {value}, outside [{lowest}, "
                          f"{thr.NUM_BINS}] (a bin of {thr.NUM_BINS}, {thr.UNKNOWN} for unknown, or a flagged bin)")
-    number = _number(f"state[{pid!r}]['threshold_for']", threshold_for)
+    try:
+        number = _number(f"state[{pid!r}]['threshold_for']", threshold_for)
+    except ValueError as error:
+        raise ValueError(f"Invalid checkpoint: {error}") from None
     if not math.isfinite(number):
         raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold_for'] is {number} (a finite number)")
 

@@ -279,7 +279,7 @@ def test_adam_without_weight_decay_loads():
     (lambda entry: entry.update(threshold=torch.tensor(1.5)), r"\['threshold'\] is a torch.float32 tensor of shape \(\), a unit's threshold is one integer"),
     (lambda entry: entry.update(threshold=torch.tensor(40000)), r"\['threshold'\] is 40000, outside \[-32770, 32768\]"),
     (lambda entry: entry.update(threshold=torch.tensor(-40000)), r"\['threshold'\] is -40000, outside"),
-    (lambda entry: entry.update(threshold_for="x"), r"\['threshold_for'\] must be a number, got 'x'"),
+    (lambda entry: entry.update(threshold_for="x"), r"Invalid checkpoint: state\[0\]\['threshold_for'\] must be a number, got 'x'"),
     (lambda entry: entry.update(threshold_for=float("inf")), r"\['threshold_for'\] is inf \(a finite number\)"),
     (lambda entry: entry.update(step=torch.tensor(-1.0)), r"\['step'\] is -1.0 \(a step count is finite and >= 0\)"),
     (lambda entry: entry.update(importance_step=torch.tensor(float("nan"))), r"\['importance_step'\] is nan"),
