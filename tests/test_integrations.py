@@ -203,6 +203,39 @@ def test_hf_consolidate_callback_refuses_another_optimizer(tmp_path):
         trainer.train()
 
 
+def test_lightning_warnings_name_the_users_line(tmp_path):
+    """A warning from a step Lightning drives (here: a restoring force asked for after the
+    boundary) names the line that called trainer.fit, not Lightning's loop."""
+    lightning = pytest.importorskip("lightning")
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, index):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return MaskedAdamW(self.parameters(), lr=1e-2)
+
+    class Boundary(lightning.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, index):
+            if index == 1:
+                trainer.optimizers[0].consolidate()  # no anchor_param: anchor_decay is 0 here
+            if index == 2:
+                trainer.optimizers[0].param_groups[0]["anchor_decay"] = 1.0
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=4)
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, callbacks=[Boundary()],
+                                enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="anchor_decay > 0 but tensors without anchor_param") as record:
+        trainer.fit(Module(), data)
+    assert {w.filename for w in record if "anchor_param" in str(w.message)} == {__file__}
+
+
 @pytest.mark.parametrize("fused", [None, True])
 def test_lightning_closure_bf16_mixed_and_clipping(tmp_path, fused):
     """Lightning steps through its closure under bf16 autocast and clips the grads; it refuses
