@@ -122,6 +122,34 @@ def scenario_fsdp2(rank: int, world: int, tmpdir: str) -> None:
                 assert torch.equal(_full(other), _full(value)), key
 
 
+def scenario_fsdp2_observe(rank: int, world: int) -> None:
+    """observe() on sharded params (every group checked first, as a step checks it) and the
+    consolidate() after it (step counts read in one copy) give the single process's importance
+    and anchors, group scope over uneven and empty shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    data = batches(4)
+    single = model_factory()
+    single_opt = MaskedAdamW(single.parameters(), **OPTIONS, scope="group")
+    model = model_factory()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = MaskedAdamW(model.parameters(), **OPTIONS, scope="group")
+    for net, optimizer in ((single, single_opt), (model, opt)):
+        for x, y in data:
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            optimizer.observe()
+        optimizer.zero_grad()
+        optimizer.consolidate()
+    for p, q in zip(model.parameters(), single.parameters()):
+        assert float(opt.state[p]["importance_step"]) == 0.0  # reset by consolidate
+        for key in ("anchor", "anchor_param"):
+            assert_close(_full(opt.state[p][key]), single_opt.state[q][key], f"observe + consolidate: {key}")
+
+
 def scenario_fsdp2_triton(rank: int, world: int) -> None:
     """The Triton kernel (interpreter) on FSDP2 shards, its histograms all-reduced through the
     op's process-group names, against a single-process run of the reference."""
@@ -255,6 +283,8 @@ def run(rank: int, world: int, port: int, tmpdir: str) -> None:
         _mark(rank, "ddp")
         scenario_fsdp2(rank, world, tmpdir)
         _mark(rank, "fsdp2 + dcp")
+        scenario_fsdp2_observe(rank, world)
+        _mark(rank, "fsdp2 observe")
         scenario_fsdp2_triton(rank, world)
         _mark(rank, "fsdp2 triton")
         scenario_fsdp2_block_gates(rank, world)
