@@ -34,7 +34,7 @@ def _real_mask(mask: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
 
 def _stale(state: dict[str, Any], key: float) -> bool:
     """Whether the step resets ``state``'s stored threshold (``_threshold_key``)."""
-    return state["threshold_for"] != key and state["threshold_for"] != -key
+    return not _same_key(state["threshold_for"], key) and not _same_key(state["threshold_for"], -key)
 
 
 def _unit_changed(states: list[dict[str, Any]], key: float) -> bool:
@@ -52,6 +52,16 @@ def _forget_stale_thresholds(states: list[dict[str, Any]], key: float, whole_uni
     for state in (states if stale and whole_unit else stale):  # (the step was told: _unit_changed)
         state["threshold"].fill_(thr.UNKNOWN)
         state["threshold_for"] = -key
+
+
+def _same_key(a: float, b: float) -> bool:
+    """Whether two threshold keys (``_threshold_key``) are the same: ``a == b`` for any two keys
+    one float apart or more (keys stay below 2**15, where a float step is 3.6e-12), spelled as a
+    distance because under ``torch.compile`` the density can be a symbolic float, and Dynamo
+    turns ``threshold_for == key`` into a substitution whose value-range check fails on the
+    key's rounding (``AssertionError: 2.70000009 not in VR[2.70000009, 2.70000009]``, a density
+    staircase with protect)."""
+    return abs(a - b) < 1e-13
 
 
 def _threshold_key(group: dict[str, Any]) -> float:
@@ -379,7 +389,7 @@ class MaskedAdamW(Optimizer):
             if type(param) in _PLAIN and not param.is_complex():  # the common case, spelled cheaply
                 tensors.append(TensorState(
                     param, grad, state["exp_avg"], state["exp_avg_sq"], state["importance"], state["step"],
-                    state["importance_step"], state["threshold"], threshold_for == key,
+                    state["importance_step"], state["threshold"], _same_key(threshold_for, key),
                     state.get("anchor"), state.get("anchor_param"), (), state.get("user_mask"),
                 ))
                 continue
@@ -389,7 +399,7 @@ class MaskedAdamW(Optimizer):
                     exp_avg=real_view(local(state["exp_avg"])), exp_avg_sq=real_view(local(state["exp_avg_sq"])),
                     importance=local(state["importance"]), step=state["step"],
                     importance_step=state["importance_step"], threshold=state["threshold"],
-                    threshold_known=threshold_for == key, anchor=local(state.get("anchor")),
+                    threshold_known=_same_key(threshold_for, key), anchor=local(state.get("anchor")),
                     anchor_param=real_view(local(state["anchor_param"])) if "anchor_param" in state else None,
                     shard_groups=shard_groups(param),
                     user_mask=_real_mask(local(state.get("user_mask")), param),

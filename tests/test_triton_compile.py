@@ -157,3 +157,24 @@ def test_step_under_fake_tensor_mode_goes_through_the_op():
         optimizer.step()
         state = optimizer.state[param]
         assert state["exp_avg"].shape == (64, 32) and state["importance"].shape == (64, 32)
+
+
+@pytest.mark.parametrize("mask", ["protect", "select"])
+def test_a_density_staircase_back_and_forth_compiles(mask):
+    """Densities changed between compiled steps and back (a staircase schedule) recompile and
+    step as eagerly: Dynamo had failed its own value-range check on the threshold key (protect,
+    0.5 -> 0.3 -> 0.7 -> 0.7)."""
+    torch.manual_seed(0)
+    start = torch.randn(30)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [MaskedAdamW([p], lr=torch.tensor(1e-3), backend="triton", density=0.5, mask=mask, importance_beta=0.9)
+            for p in params]
+    step = torch.compile(opts[0].step, fullgraph=True)
+    for density in (0.5, 0.3, 0.3, 0.7, 0.7, 0.3):
+        grad = torch.randn(30)
+        for p, opt in zip(params, opts):
+            opt.param_groups[0]["density"] = density
+            p.grad = grad.clone()
+        step()
+        opts[1].step()
+        assert torch.equal(params[0], params[1]) and opts[0].mask_stats() == opts[1].mask_stats(), density
