@@ -66,7 +66,7 @@ def _check_threshold(pid: Any, threshold: Tensor, threshold_for: Any) -> None:
         raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold'] is a {threshold.dtype} tensor of shape "
                          f"{tuple(threshold.shape)}, a unit's threshold is one integer (a bin)")
     value = int(threshold.detach().reshape(()).item())  # (one element: read on the host)
-    lowest = int(thr.flagged(torch.tensor(thr.NUM_BINS)))
+    lowest = thr.flagged(thr.NUM_BINS)  # (-2 - NUM_BINS)
     if not lowest <= value <= thr.NUM_BINS:
         raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold'] is {value}, outside [{lowest}, "
                          f"{thr.NUM_BINS}] (a bin of {thr.NUM_BINS}, {thr.UNKNOWN} for unknown, or a flagged bin)")

@@ -511,7 +511,7 @@ class MaskedAdamW(Optimizer):
                 key = _threshold_key(group)
                 for state in states:
                     state["threshold_for"] = key
-            elif result is not None and backend == "triton":  # found_inf stays on the device
+            elif result is not None:  # Triton: found_inf stays on the device
                 result = functional.last_taken(previous, result, found_inf)
             if hyper.scope == "group" and len(positions) < len(group["params"]):
                 _mark_missed(group["params"], positions, self.state)

@@ -103,19 +103,21 @@ class ConsolidateCallback(TrainerCallback):
         if not isinstance(opt, MaskedAdamW):
             raise TypeError(f"ConsolidateCallback needs the Trainer's optimizer to be a MaskedAdamW, got "
                             f"{type(opt).__name__} (pass optimizer_cls_and_kwargs=(MaskedAdamW, {{...}}))")
+        # take the batches first (exactly max_batches from an iterator) and check their kind
+        # before anything is observed
+        batches = list(itertools.islice(self.batches, self.max_batches))
+        if not batches:
+            raise ValueError("ConsolidateCallback: batches yielded no batch (an exhausted iterator?)")
+        for index, batch in enumerate(batches):
+            if not isinstance(batch, Mapping):
+                raise ValueError(f"Invalid batches: batch {index} is a {type(batch).__name__} (expected a mapping of "
+                                 "model inputs, e.g. {'input_ids': ..., 'labels': ...})")
         device = next(model.parameters()).device
         dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         was_training = model.training
         model.eval()
         self.observed = 0
-        # take the batches first (exactly max_batches from an iterator) and check their kind
-        # before anything is observed
-        batches = list(itertools.islice(self.batches, self.max_batches))
-        for index, batch in enumerate(batches):
-            if not isinstance(batch, Mapping):
-                raise ValueError(f"Invalid batches: batch {index} is a {type(batch).__name__} (expected a mapping of "
-                                 "model inputs, e.g. {'input_ids': ..., 'labels': ...})")
         try:
             for index, batch in enumerate(batches):
                 model.zero_grad(set_to_none=True)
@@ -130,6 +132,4 @@ class ConsolidateCallback(TrainerCallback):
         finally:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
-        if self.observed == 0:
-            raise ValueError("ConsolidateCallback: batches yielded no batch (an exhausted iterator?)")
         opt.consolidate(self.how, reset_moments=self.reset_moments)
