@@ -71,6 +71,52 @@ def scenario_ddp(rank: int, world: int) -> None:
             assert_close(opt.state[p][key], single_opt.state[q][key], f"DDP {key} vs single process")
 
 
+def scenario_ddp_observe_batches(rank: int, world: int) -> None:
+    """The callbacks' passes (``integrations.observe_batches``) call the module, not its DDP
+    wrapper: each batch's grads are averaged over the ranks, so every rank's anchors are one
+    process's on the averaged grads; through the wrapper (grads already averaged) too. Ranks
+    taking different numbers of batches are refused on every rank."""
+    import contextlib
+
+    from masked_optim.integrations import observe_batches, take_batches
+
+    data = [batches(3, r) for r in range(world)]
+    single = model_factory()
+    single_opt = MaskedAdamW(single.parameters(), **OPTIONS)
+    for index in range(3):
+        summed = [torch.zeros_like(p) for p in single.parameters()]
+        for r in range(world):
+            single.zero_grad()
+            x, y = data[r][index]
+            torch.nn.functional.mse_loss(single(x), y).backward()
+            for total, p in zip(summed, single.parameters()):
+                total.add_(p.grad / world)
+        for total, p in zip(summed, single.parameters()):
+            p.grad = total
+        single_opt.observe()
+    single_opt.consolidate()
+
+    for through_wrapper in (False, True):
+        model = torch.nn.parallel.DistributedDataParallel(model_factory())
+        opt = MaskedAdamW(model.parameters(), **OPTIONS)
+        forward = model if through_wrapper else model.module
+
+        def loss_of(index, batch):
+            return torch.nn.functional.mse_loss(forward(batch[0]), batch[1])
+
+        assert observe_batches(opt, model.module, take_batches(data[rank], None), loss_of, contextlib.nullcontext) == 3
+        opt.consolidate()
+        for p, q in zip(model.parameters(), single.parameters()):
+            for key in ("importance", "anchor", "anchor_param"):
+                assert_close(opt.state[p][key], single_opt.state[q][key], f"observe_batches {key} vs single process")
+    try:
+        take_batches(data[rank][:2 + rank], None)
+    except ValueError as error:
+        assert "the ranks took different numbers of batches (2 to 3" in str(error), str(error)
+    else:
+        raise AssertionError("take_batches accepted different numbers of batches")
+
+
 def scenario_fsdp2(rank: int, world: int, tmpdir: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -281,6 +327,8 @@ def run(rank: int, world: int, port: int, tmpdir: str) -> None:
     try:
         scenario_ddp(rank, world)
         _mark(rank, "ddp")
+        scenario_ddp_observe_batches(rank, world)
+        _mark(rank, "ddp observe_batches")
         scenario_fsdp2(rank, world, tmpdir)
         _mark(rank, "fsdp2 + dcp")
         scenario_fsdp2_observe(rank, world)

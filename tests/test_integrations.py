@@ -353,3 +353,136 @@ def test_lightning_density_callback_names_a_bad_optimizer_index():
     trainer = SimpleNamespace(optimizers=[MaskedAdamW([torch.zeros(1)])], global_step=0)
     with pytest.raises(ValueError, match=r"Invalid optimizer_index: 1 \(the trainer has 1 optimizer\(s\)\)"):
         DensityCallback(end=0.1, steps=5, optimizer_index=1).on_train_start(trainer, None)
+
+
+def test_lightning_consolidate_callback_observes_the_old_batches_then_consolidates(tmp_path):
+    """``integrations.lightning.ConsolidateCallback``: before the first step the trainer's
+    optimizer observes the old batches through ``training_step`` (eval mode, the trainer's bf16
+    autocast, its ``self.log`` calls dropped) and consolidates; the anchors are those of a twin
+    given the same batches by hand. A fit resumed from a checkpoint skips it."""
+    lightning = pytest.importorskip("lightning")
+    import copy
+
+    from masked_optim.integrations.lightning import ConsolidateCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1))
+            self.calls = []  # (training mode, output dtype, loss) per training_step
+
+        def training_step(self, batch, index):
+            x, y = batch
+            out = self.net(x)
+            loss = torch.nn.functional.mse_loss(out.float(), y)
+            self.calls.append((self.training, out.dtype, loss.item()))
+            self.log("train_loss", loss)
+            return {"loss": loss}
+
+        def configure_optimizers(self):
+            return MaskedAdamW(self.parameters(), lr=1e-2, anchor_decay=2.0)
+
+    class AtStart(lightning.Callback):  # what the module and optimizer hold once the callback ran
+        def on_train_start(self, trainer, module):
+            optimizer = trainer.optimizers[0]
+            self.anchors = [optimizer.state[p]["anchor"].clone() for p in module.parameters()]
+            self.calls, self.training = list(module.calls), module.training
+            self.grads = [p.grad for p in module.parameters()]
+
+    gen = torch.Generator().manual_seed(3)
+    old = [(torch.randn(8, 6, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(4)]
+    x = torch.randn(32, 6, generator=gen)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=8)
+
+    def fit(callbacks, max_steps=2, checkpoint=None):
+        module = Module()
+        initial = copy.deepcopy(module)
+        trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=max_steps, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                    default_root_dir=str(tmp_path), callbacks=callbacks)
+        trainer.fit(module, data, ckpt_path=checkpoint)
+        return trainer, module, initial
+
+    callback, start = ConsolidateCallback(old, max_batches=3), AtStart()
+    trainer, module, initial = fit([callback, start])
+    assert callback.observed == 3
+    # eval mode and the trainer's autocast during the passes; train mode back and no grads after
+    assert [(training, dtype) for training, dtype, _ in start.calls] == [(False, torch.bfloat16)] * 3
+    assert start.training and all(g is None for g in start.grads)
+    # what training_step logged in the passes was dropped: the trainer holds the last step's loss
+    assert len(module.calls) == 5 and module.calls[-1][0]
+    assert trainer.callback_metrics["train_loss"].item() == pytest.approx(module.calls[-1][2])
+    twin = MaskedAdamW(initial.parameters(), lr=1e-2, anchor_decay=2.0)
+    initial.eval()
+    for bx, by in old[:3]:
+        initial.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = initial.net(bx)
+        torch.nn.functional.mse_loss(out.float(), by).backward()
+        twin.observe()
+    twin.consolidate()
+    for got, p in zip(start.anchors, initial.parameters()):
+        assert_close(got, twin.state[p]["anchor"], "anchor")
+
+    trainer.save_checkpoint(tmp_path / "part.ckpt")
+    resumed = ConsolidateCallback(old)
+    _, module, _ = fit([resumed], max_steps=3, checkpoint=str(tmp_path / "part.ckpt"))
+    assert resumed.observed == 0
+
+
+def test_lightning_consolidate_callback_errors(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    from masked_optim.integrations.lightning import ConsolidateCallback
+
+    with pytest.raises(ValueError, match=r"Invalid loss_fn: 3"):
+        ConsolidateCallback([1], loss_fn=3)
+    with pytest.raises(ValueError, match=r"Invalid optimizer_index: -1"):
+        ConsolidateCallback([1], optimizer_index=-1)
+    with pytest.raises(ValueError, match=r"Invalid how: 'min'"):
+        ConsolidateCallback([1], how="min")
+
+    class Module(lightning.LightningModule):
+        def __init__(self, manual: bool = False, make=MaskedAdamW) -> None:
+            super().__init__()
+            self.net, self.make = torch.nn.Linear(4, 1), make
+            self.automatic_optimization = not manual
+
+        def training_step(self, batch, index):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            if not self.automatic_optimization:
+                opt = self.optimizers()
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+            return loss
+
+        def configure_optimizers(self):
+            return self.make(self.parameters(), lr=1e-2)
+
+    x = torch.randn(8, 4)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=4)
+    old = [(x[:4], x[:4, :1])]
+
+    def fit(module, callback):
+        trainer = lightning.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False,
+                                    default_root_dir=str(tmp_path), callbacks=[callback])
+        trainer.fit(module, data)
+
+    with pytest.raises(TypeError, match=r"needs the trainer's optimizer to be a MaskedAdamW, got AdamW"):
+        fit(Module(make=torch.optim.AdamW), ConsolidateCallback(old))
+    with pytest.raises(ValueError, match=r"Invalid optimizer_index: 1 \(the trainer has 1 optimizer\(s\)\)"):
+        fit(Module(), ConsolidateCallback(old, optimizer_index=1))
+    module = Module(manual=True)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"manual optimization.*pass loss_fn="):
+        fit(module, ConsolidateCallback(old))
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    with pytest.raises(ValueError, match=r"Invalid batches: no loss tensor for batch 0 \(got NoneType\)"):
+        fit(Module(), ConsolidateCallback(old, loss_fn=lambda module, batch: None))
+    # manual optimization with a loss_fn: observed through it, the optimizer never stepped by it
+    callback = ConsolidateCallback(old, loss_fn=lambda m, b: torch.nn.functional.mse_loss(m.net(b[0]), b[1]))
+    fit(Module(manual=True), callback)
+    assert callback.observed == 1

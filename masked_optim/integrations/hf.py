@@ -22,14 +22,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 import torch
 from transformers import TrainerCallback
 
-from masked_optim.integrations import check_schedule, make_scheduler
+from masked_optim.integrations import (
+    check_consolidate_options, check_schedule, make_scheduler, masked_adamw, observe_batches, take_batches,
+)
 from masked_optim.schedules import DensityScheduler
 
 
@@ -73,21 +74,16 @@ class ConsolidateCallback(TrainerCallback):
 
     The model is in eval mode during the passes (no dropout) and its grads are cleared before
     and after; with ``bf16=True`` or ``fp16=True`` in the Trainer's arguments the forward pass
-    runs under the same autocast. Raises ValueError on bad arguments when made, TypeError at the
+    runs under the same autocast. Under torch.distributed (DDP) each batch's grads are averaged
+    over the ranks before ``observe()``, as DDP's own backward would (the passes call the model,
+    not its DDP wrapper), so every rank holds the same importance and anchors: give every rank
+    the same number of batches (e.g. its share of a ``DistributedSampler``). Raises ValueError on bad arguments when made, TypeError at the
     start of training when the Trainer's optimizer is not a MaskedAdamW.
     """
 
     def __init__(self, batches: Iterable[Mapping[str, Any]], *, max_batches: Optional[int] = None,
                  how: str = "max", reset_moments: bool = False) -> None:
-        if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
-            raise ValueError(f"Invalid batches: a {type(batches).__name__} (expected an iterable of model inputs, "
-                             "e.g. a list of dicts or a DataLoader)")
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"Invalid max_batches: {max_batches!r} (must be an int >= 1 or None)")
-        if how not in ("max", "sum"):
-            raise ValueError(f"Invalid how: {how!r} (expected 'max' or 'sum')")
-        if not isinstance(reset_moments, bool):
-            raise ValueError(f"Invalid reset_moments: {reset_moments!r} (must be a bool)")
+        check_consolidate_options(batches, max_batches, how, reset_moments)
         self.batches, self.max_batches, self.how, self.reset_moments = batches, max_batches, how, reset_moments
         #: how many batches the last consolidation observed
         self.observed = 0
@@ -97,39 +93,25 @@ class ConsolidateCallback(TrainerCallback):
         """Observe the old batches and consolidate, unless the run resumes past step 0."""
         if state.global_step > 0:  # resumed from a checkpoint: its optimizer state holds the anchors
             return
-        from masked_optim import MaskedAdamW
-
-        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
-        if not isinstance(opt, MaskedAdamW):
-            raise TypeError(f"ConsolidateCallback needs the Trainer's optimizer to be a MaskedAdamW, got "
-                            f"{type(opt).__name__} (pass optimizer_cls_and_kwargs=(MaskedAdamW, {{...}}))")
-        # take the batches first (exactly max_batches from an iterator) and check their kind
-        # before anything is observed
-        batches = list(itertools.islice(self.batches, self.max_batches))
-        if not batches:
-            raise ValueError("ConsolidateCallback: batches yielded no batch (an exhausted iterator?)")
+        opt = masked_adamw(optimizer, "the Trainer's optimizer", "pass optimizer_cls_and_kwargs=(MaskedAdamW, {...})")  # accelerate wraps it
+        batches = take_batches(self.batches, self.max_batches)  # their kind checked before anything is observed
         for index, batch in enumerate(batches):
             if not isinstance(batch, Mapping):
                 raise ValueError(f"Invalid batches: batch {index} is a {type(batch).__name__} (expected a mapping of "
                                  "model inputs, e.g. {'input_ids': ..., 'labels': ...})")
         device = next(model.parameters()).device
         dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        was_training = model.training
-        model.eval()
+
+        def forward_context() -> Any:
+            return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+        def loss_of(index: int, batch: Mapping[str, Any]) -> torch.Tensor:
+            loss = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
+            if loss is None:
+                raise ValueError(f"Invalid batches: the model returned no loss for batch {index} (give 'labels'); "
+                                 f"{index} batch(es) before it were observed")
+            return loss
+
         self.observed = 0
-        try:
-            for index, batch in enumerate(batches):
-                model.zero_grad(set_to_none=True)
-                with autocast:
-                    loss = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
-                if loss is None:
-                    raise ValueError(f"Invalid batches: the model returned no loss for batch {index} (give 'labels'); "
-                                     f"{index} batch(es) before it were observed")
-                loss.backward()
-                opt.observe()  # importance only: no parameter or moment changes
-                self.observed += 1
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
+        self.observed = observe_batches(opt, model, batches, loss_of, forward_context)
         opt.consolidate(self.how, reset_moments=self.reset_moments)
