@@ -78,6 +78,23 @@ def _check_threshold(pid: Any, threshold: Tensor, threshold_for: Any) -> None:
         raise ValueError(f"Invalid checkpoint: state[{pid!r}]['threshold_for'] is {number} (a finite number)")
 
 
+def without_unsaved_entries(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the state entries that are empty dicts, which is how torch's DCP
+    rebuilds a flattened state dict (``flatten_optimizer_state_dict=True``) for an entry the live
+    optimizer has and the checkpoint lacks (an anchor made after the checkpoint was saved): the
+    checkpoint has no such entry. The same dict when there are none; a copy otherwise."""
+    states = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(states, dict):
+        return state_dict
+    unsaved = {pid: [key for key, value in state.items() if key in STATE_KEYS and isinstance(value, dict) and not value]
+               for pid, state in states.items() if isinstance(state, dict)}
+    if not any(unsaved.values()):
+        return state_dict
+    cleaned = {pid: {key: value for key, value in state.items() if key not in unsaved.get(pid, ())}
+               if isinstance(state, dict) else state for pid, state in states.items()}
+    return {**state_dict, "state": cleaned}
+
+
 def check(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dict[str, Any]:
     """Refuse a checkpoint the optimizer with ``param_groups`` cannot continue from (ValueError),
     before anything changes; returns what ``MaskedAdamW._restore_checkpoint`` needs."""

@@ -8,7 +8,7 @@ tensor is sharded across, so every rank derives the single-process values.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -106,24 +106,91 @@ def global_count(tensors: list[Tensor], groups: tuple, device: torch.device) -> 
 OPTIONAL_STATE_KEYS = ("anchor", "anchor_param", "user_mask")
 
 
-def load_optimizer_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_id: str, key: str = "optim") -> None:
+def _fqns(model: torch.nn.Module, name: str) -> set:
+    """The names DCP's state dicts give the param ``name`` of ``model`` (wrappers' prefixes such as
+    ``_orig_mod.`` removed, as torch's ``get_optimizer_state_dict`` removes them)."""
+    try:
+        from torch.distributed.checkpoint.state_dict import _get_fqns
+    except ImportError:  # (a torch without it: the plain name)
+        return {name}
+    return set(_get_fqns(model, name))
+
+
+def _create_saved_entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer, holds) -> None:
+    """Create, on ``optimizer``, the optional state entries (``OPTIONAL_STATE_KEYS``) that a
+    state dict or checkpoint holds: ``holds(fqn, key)``. A fresh optimizer first makes its state
+    as torch's loaders make it (one step with zero grads and lr 0)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not optimizer.state:
+        get_optimizer_state_dict(model, optimizer)  # a fresh optimizer creates its state here
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        if id(param) not in in_optimizer:
+            continue
+        fqns = _fqns(model, name)
+        wanted = [k for k in OPTIONAL_STATE_KEYS if any(holds(fqn, k) for fqn in fqns)]
+        if wanted:
+            optimizer._create_state_entries(param, wanted)
+
+
+def _flattened(options: Any) -> bool:
+    return bool(getattr(options, "flatten_optimizer_state_dict", False))
+
+
+def set_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             optim_state_dict: dict, *, options: Any = None) -> None:
+    """``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` for MaskedAdamW: the
+    same arguments, and the anchors and masks in ``optim_state_dict`` load into an optimizer that
+    lacks them (a fresh one, or one not consolidated yet).
+
+    torch rebuilds a *flattened* state dict (``StateDictOptions(flatten_optimizer_state_dict=True)``,
+    torchtitan's format) from the entries the live optimizer already has, so ``anchor``,
+    ``anchor_param`` and ``user_mask`` would be dropped silently; they are created first here. A
+    nested state dict loads whole either way. Every rank must call it (as torch's).
+    """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as torch_set
+
+    if _flattened(options):
+        def holds(fqn: str, key: str) -> bool:
+            return f"state.{fqn}.{key}" in optim_state_dict
+    else:
+        saved = optim_state_dict.get("state", {}) if isinstance(optim_state_dict, dict) else {}
+
+        def holds(fqn: str, key: str) -> bool:
+            return isinstance(saved.get(fqn), dict) and key in saved[fqn]
+    _create_saved_entries(model, optimizer, holds)
+    torch_set(model, optimizer, optim_state_dict, options=options)
+
+
+def load_optimizer_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_id: str,
+                              key: str = "optim", *, options: Any = None) -> None:
     """Load a MaskedAdamW state saved with ``torch.distributed.checkpoint`` (FSDP2 or not).
 
     DCP fills only the entries the live optimizer already has; a fresh optimizer has no
     ``anchor``, ``anchor_param`` or ``user_mask`` yet, so a plain ``dcp.load`` would drop them
     silently. This reads the checkpoint's metadata, creates those entries where it holds them,
-    then loads: ``dcp.save({key: get_optimizer_state_dict(model, optimizer)}, checkpoint_id=...)``
-    is the matching save. Every rank must call it.
+    then loads: ``dcp.save({key: get_optimizer_state_dict(model, optimizer, options=options)},
+    checkpoint_id=...)`` is the matching save; give the same ``options`` (``StateDictOptions``,
+    e.g. ``flatten_optimizer_state_dict=True``) here. Entries the checkpoint lacks are removed
+    (an optimizer consolidated after the checkpoint was saved returns to it). Every rank must
+    call it.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as torch_set
 
     saved = set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
-    get_optimizer_state_dict(model, optimizer)  # a fresh optimizer creates its state here
-    for name, param in model.named_parameters():
-        wanted = [k for k in OPTIONAL_STATE_KEYS if f"{key}.state.{name}.{k}" in saved]
-        if wanted:
-            optimizer._create_state_entries(param, wanted)
-    state = get_optimizer_state_dict(model, optimizer)
+    # (nested and flattened state dicts give the same names in the checkpoint)
+    def holds(fqn: str, k: str) -> bool:
+        return f"{key}.state.{fqn}.{k}" in saved
+
+    _create_saved_entries(model, optimizer, holds)
+    for name, param in model.named_parameters():  # entries made after the checkpoint (a rollback) go
+        state = optimizer.state.get(param, {})
+        for k in OPTIONAL_STATE_KEYS:
+            if k in state and not any(holds(fqn, k) for fqn in _fqns(model, name)):
+                del state[k]
+    state = get_optimizer_state_dict(model, optimizer, options=options)
     dcp.load({key: state}, checkpoint_id=checkpoint_id)
-    set_optimizer_state_dict(model, optimizer, state)
+    torch_set(model, optimizer, state, options=options)

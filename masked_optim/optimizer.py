@@ -731,8 +731,10 @@ class MaskedAdamW(Optimizer):
         """
         loaded: dict[str, Any] = {}
 
-        def check(optimizer: Optimizer, hooked: dict[str, Any]) -> None:  # after every user pre-hook
-            loaded.update(self._check_checkpoint(hooked))
+        def check(optimizer: Optimizer, hooked: dict[str, Any]) -> Optional[dict[str, Any]]:  # after every user pre-hook
+            cleaned = checkpoint.without_unsaved_entries(hooked)
+            loaded.update(self._check_checkpoint(cleaned))
+            return cleaned if cleaned is not hooked else None
 
         def restore(optimizer: Optimizer) -> None:  # before every user post-hook
             self._restore_checkpoint(**loaded)
