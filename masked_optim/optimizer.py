@@ -112,6 +112,13 @@ def _mark_missed(params: list[Tensor], stepped: list[int], state_of: dict) -> No
             state["threshold_for"] = _STALE
 
 
+def _uses_anchor(group: dict[str, Any]) -> bool:
+    """Whether the steps of ``group`` read what ``consolidate()`` makes: a restoring force, the
+    soft scale, or a gate (a density below 1 now, or one a DensityScheduler sets later)."""
+    return (_number("anchor_decay", group["anchor_decay"]) > 0 or _number("protect_strength", group["protect_strength"]) > 0
+            or _number("density", group["density"]) < 1 or "initial_density" in group)
+
+
 def _in_importance_dtype(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
     """The entries of ``state`` stored in the group's importance dtype that are not in ``dtype``
     (importance and anchor, converted): ``importance_dtype`` changed since they were made."""
@@ -276,6 +283,7 @@ class MaskedAdamW(Optimizer):
             for key in DEFAULTS:
                 group.setdefault(key, self.defaults[key])
         self.__dict__.setdefault("_last_stats", [])
+        self.__dict__.setdefault("_group_keys", {id(group): frozenset(group) for group in self.param_groups})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group after checking all of it, so a bad group adds nothing."""
@@ -304,6 +312,17 @@ class MaskedAdamW(Optimizer):
             if merged["backend"] == "compile":  # (the step checks again: a layout may change)
                 check_dense(real_view(local(param)), "compile")
         super().add_param_group(param_group)
+        added = self.param_groups[-1]
+        self.__dict__.setdefault("_group_keys", {})[id(added)] = frozenset(added)
+
+    def _warn_new_keys(self, group: dict[str, Any]) -> None:
+        """Warn about a misspelt option set in a param group after it was made
+        (``opt.param_groups[0]["anchr_decay"] = 3``): keys not seen in this group before are
+        checked once, as ``add_param_group`` checks a new group's."""
+        keys, seen = frozenset(group), self._group_keys.get(id(group))
+        if keys != seen:
+            warn_misspelt_options({key: group[key] for key in keys - (seen or frozenset())})
+            self._group_keys[id(group)] = keys
 
     # ------------------------------------------------------------------ state
     def _importance_dtype(self, group: dict[str, Any]) -> torch.dtype:
@@ -414,6 +433,8 @@ class MaskedAdamW(Optimizer):
     def _check_grads(self) -> None:
         for group in self.param_groups:
             validate_group(group, read_tensors=False)
+            if not torch.compiler.is_compiling():  # (Dynamo refuses warnings.warn)
+                self._warn_new_keys(group)
             for param in group["params"]:
                 if param.grad is not None and param.grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
@@ -604,6 +625,12 @@ class MaskedAdamW(Optimizer):
                 + ". Run observe() on gradients of the old data (or train on it) first", UserWarning, stacklevel=user_stacklevel(),
             )
             return
+        if not any(_uses_anchor(group) for group in self.param_groups):
+            warnings.warn(
+                "consolidate(): no param group uses what it makes (anchor_decay=0, protect_strength=0 and density 1 "
+                "in every group), so the steps stay AdamW's: set anchor_decay before consolidate() (it copies θ* "
+                "only for groups that have it), protect_strength, or a density < 1", UserWarning, stacklevel=user_stacklevel(),
+            )
         for group, params in zip(self.param_groups, taking_part):
             dtype = self._importance_dtype(group)
             for p in params:  # an importance_dtype changed since the last step takes effect now

@@ -308,6 +308,20 @@ def test_a_misspelt_group_option_warns_at_the_users_line_and_extra_keys_stay_qui
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # names and schedulers' keys are no misspellings
         opt.add_param_group({"params": [torch.randn(3, requires_grad=True)], "name": "head", "initial_lr": 1e-3})
+        param.grad = torch.ones_like(param)
+        opt.step()  # the constructor's warning is not repeated at the step
+
+    # a misspelt option set after the group was made warns at the next step (once), at the user's line
+    opt.param_groups[1]["anchr_decay"] = 3.0
+    opt.param_groups[1]["tag"] = "head"
+    with pytest.warns(UserWarning, match=r"param group key 'anchr_decay' is not a MaskedAdamW option \(did you mean "
+                                         r"'anchor_decay'\?\)") as record:
+        opt.step()
+    assert [w.filename for w in record] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        opt.observe()
 
 
 def test_a_used_up_generator_of_params_is_named():
@@ -336,3 +350,32 @@ def test_observe_without_grads_and_consolidate_before_any_importance_warn_at_the
         opt.consolidate()
     assert [w.filename for w in [*record, *more]] == [__file__, __file__]
     assert "importance" not in opt.state[param]
+
+
+def test_consolidate_that_no_step_uses_warns_at_the_users_line():
+    """With density 1, no anchor_decay and no protect_strength in every group, consolidate()
+    changes nothing the steps do (the usual cause: anchor_decay forgotten): it says so. A group
+    that uses the anchor, a density below 1, or a DensityScheduler's group stays quiet."""
+    from masked_optim import DensityScheduler
+
+    def consolidated(**options):
+        param = torch.randn(8, requires_grad=True)
+        opt = MaskedAdamW([param], **options)
+        param.grad = torch.randn(8)
+        opt.step()
+        return opt
+
+    opt = consolidated()
+    with pytest.warns(UserWarning, match=r"consolidate\(\): no param group uses what it makes") as record:
+        opt.consolidate()
+    assert [w.filename for w in record] == [__file__]
+    for options in (dict(anchor_decay=1.0), dict(protect_strength=1.0), dict(density=0.5)):
+        opt = consolidated(**options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.consolidate()
+    opt = consolidated(mask="protect")
+    DensityScheduler(opt, start=1.0, end=0.2, steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.consolidate()

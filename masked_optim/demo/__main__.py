@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from masked_optim.demo.harness import BATCH, run_many
-from masked_optim.demo.methods import DEFAULT_METHODS, FULL_METHODS, LR, METHODS, Method
+from masked_optim.demo.methods import DEFAULT_METHODS, FULL_METHODS, LR, METHODS, SGD_LR, SGD_MOMENTUM, Method
 from masked_optim.demo.metrics import cl_metrics, summarise
 
 # ----------------------------------------------------------------------------- configuration
@@ -32,14 +32,28 @@ TASKS = 5
 OUT = "runs/demo"
 
 
-def results_table(results: dict[str, list[np.ndarray]]) -> str:
-    """Markdown table, mean ± std over seeds, of ACC, BWT, forgetting and NEW per method."""
-    lines = ["| method | ACC | BWT | forgetting | NEW |", "|---|---|---|---|---|"]
+def settings(method: Method) -> str:
+    """A method's settings in a few words: its optimizer, the options it changes from the lr
+    and weight decay (0) every method shares, EWC's lambda and the consolidate rule."""
+    optimizer = {"adamw": "AdamW", "gradmask": "AdamW + grad *= mask", "masked": "MaskedAdamW",
+                 "ewc": "EWC, " + (f"SGD lr {SGD_LR:g} momentum {SGD_MOMENTUM:g}" if method.sgd else "AdamW")}[method.kind]
+    words = [optimizer] + [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in method.optim.items()]
+    if method.kind == "ewc":
+        words.append(f"λ {method.ewc_lambda:g}")
+    if method.how != "max" and method.kind in ("masked", "gradmask"):
+        words.append(f"consolidate {method.how}")
+    return ", ".join(words)
+
+
+def results_table(results: dict[str, list[np.ndarray]], methods: dict[str, Method] = METHODS) -> str:
+    """Markdown table, mean ± std over seeds, of ACC, BWT, forgetting and NEW per method, with
+    each method's settings (forgetting: the mean drop from each old task's best accuracy)."""
+    lines = ["| method | settings | ACC | BWT | forgetting | NEW |", "|---|---|---|---|---|---|"]
     for name, matrices in results.items():
         s = summarise(matrices)
         cells = [f"{s[k][0]:+.3f} ± {s[k][1]:.3f}" if k == "bwt" else f"{s[k][0]:.3f} ± {s[k][1]:.3f}"
                  for k in ("acc", "bwt", "forgetting", "new")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {settings(methods[name]) if name in methods else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -62,8 +76,8 @@ def _at_least(low: int):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="masked-optim-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=_at_least(1), help=f"number of seeds (default {SEEDS}; {FULL_SEEDS} with --full)")
-    parser.add_argument("--epochs", type=_at_least(0), default=EPOCHS, help="epochs per task")
-    parser.add_argument("--tasks", type=_at_least(1), default=TASKS, help="number of permuted tasks")
+    parser.add_argument("--epochs", type=_at_least(0), default=EPOCHS, help=f"epochs per task (default {EPOCHS})")
+    parser.add_argument("--tasks", type=_at_least(1), default=TASKS, help=f"number of permuted tasks (default {TASKS})")
     parser.add_argument("--methods", help=f"comma-separated subset of: {','.join(METHODS)}")
     parser.add_argument("--full", action="store_true", help="every method, 8 seeds (the published table)")
     parser.add_argument("--tune", action="store_true", help="redo the validation sweep and use its choice")
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               f"lr {LR:g} (\"+eps\" methods: lr 1e-2, eps 2e-2), {len(seeds)} seeds, test accuracy (mean ± std "
               f"over seeds); {seconds:.0f} s{' including the validation sweep' if args.tune else ''} on "
               f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
-    table = results_table(results)
+    table = results_table(results, {m.name: m for m in methods})
     print(f"\n{header}\n\n{table}\n")
     (out / "results.md").write_text(f"{header}\n\n{table}\n")
     (out / "results.json").write_text(json.dumps(dict(
