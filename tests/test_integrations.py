@@ -486,3 +486,23 @@ def test_lightning_consolidate_callback_errors(tmp_path):
     callback = ConsolidateCallback(old, loss_fn=lambda m, b: torch.nn.functional.mse_loss(m.net(b[0]), b[1]))
     fit(Module(manual=True), callback)
     assert callback.observed == 1
+
+
+@pytest.mark.slow
+def test_lightning_consolidate_callback_under_ddp_gives_every_rank_the_same_anchors(tmp_path):
+    """Two CPU ranks (``ddp_spawn``, gloo), each observing its own old batches: the callback's
+    passes bypass DDP's wrapper, so it averages the grads itself; the ranks' anchors agree."""
+    lightning = pytest.importorskip("lightning")
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    from masked_optim.integrations.lightning import ConsolidateCallback
+    from tests.lightning_ddp_worker import AnchorsAgree, Module, RankBatches
+
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=8)
+    trainer = lightning.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=str(tmp_path), callbacks=[ConsolidateCallback(RankBatches()), AnchorsAgree()])
+    trainer.fit(Module(), data)
