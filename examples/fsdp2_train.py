@@ -20,7 +20,7 @@ machine is busy; torchrun does):
 One process without torchrun works as well (``python examples/fsdp2_train.py``). Real size:
 
     torchrun --nproc_per_node 8 examples/fsdp2_train.py --device cuda --bf16 \
-        --width 4096 --layers 32 --batch-size 16 --steps 1000 --density 0.1
+        --width 4096 --layers 32 --batch-size 16 --steps 1000 --density 0.3
 """
 from __future__ import annotations
 

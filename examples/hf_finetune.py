@@ -4,8 +4,9 @@ The recipe, for any model the Trainer can train:
   1. measure importance on the old data: forward + backward, ``opt.observe()`` (no update);
   2. ``opt.consolidate()``: the importance becomes the anchor, the weights become theta*;
   3. fine-tune on the new data with ``Trainer(optimizer_cls_and_kwargs=(MaskedAdamW, {...}))``:
-     important weights are pulled back toward theta* (``anchor_decay``) and only the top
-     ``density`` of the scores move each step.
+     important weights are pulled back toward theta* (``anchor_decay``); with ``--density``
+     below 1 the protect mask (the default ``--mask``) also freezes the most important
+     elements, letting ``density`` of them move.
 Steps 1-2 run in ``masked_optim.integrations.hf.ConsolidateCallback`` when training starts (the
 Trainer creates the optimizer inside ``train()``).
 Note: with ``optimizer_cls_and_kwargs`` the Trainer does not pass ``learning_rate`` to the

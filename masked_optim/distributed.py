@@ -116,22 +116,29 @@ def _fqns(model: torch.nn.Module, name: str) -> set:
     return set(_get_fqns(model, name))
 
 
-def _create_saved_entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer, holds) -> None:
+def _create_saved_entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer, holds,
+                          from_rank0: bool = False) -> None:
     """Create, on ``optimizer``, the optional state entries (``OPTIONAL_STATE_KEYS``) that a
-    state dict or checkpoint holds: ``holds(fqn, key)``. A fresh optimizer first makes its state
-    as torch's loaders make it (one step with zero grads and lr 0)."""
+    state dict or checkpoint holds: ``holds(fqn, key)``; with ``from_rank0``, the ones rank 0's
+    holds (the other ranks' state dicts are empty under ``broadcast_from_rank0``). A fresh
+    optimizer first makes its state as torch's loaders make it (one step with zero grads and lr 0)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     if not optimizer.state:
         get_optimizer_state_dict(model, optimizer)  # a fresh optimizer creates its state here
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for name, param in model.named_parameters():
-        if id(param) not in in_optimizer:
-            continue
-        fqns = _fqns(model, name)
-        wanted = [k for k in OPTIONAL_STATE_KEYS if any(holds(fqn, k) for fqn in fqns)]
-        if wanted:
-            optimizer._create_state_entries(param, wanted)
+    named = [(name, param) for name, param in model.named_parameters() if id(param) in in_optimizer]
+    wanted = [[k for k in OPTIONAL_STATE_KEYS if any(holds(fqn, k) for fqn in _fqns(model, name))] for name, _ in named]
+    if from_rank0:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [wanted]
+            dist.broadcast_object_list(shared, src=0)
+            wanted = shared[0]
+    for (_, param), keys in zip(named, wanted):
+        if keys:
+            optimizer._create_state_entries(param, keys)
 
 
 def _flattened(options: Any) -> bool:
@@ -147,7 +154,8 @@ def set_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Opti
     torch rebuilds a *flattened* state dict (``StateDictOptions(flatten_optimizer_state_dict=True)``,
     torchtitan's format) from the entries the live optimizer already has, so ``anchor``,
     ``anchor_param`` and ``user_mask`` would be dropped silently; they are created first here. A
-    nested state dict loads whole either way. Every rank must call it (as torch's).
+    nested state dict loads whole either way. With ``broadcast_from_rank0`` the entries rank 0's
+    state dict holds are made on every rank. Every rank must call it (as torch's).
     """
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as torch_set
 
@@ -159,7 +167,7 @@ def set_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Opti
 
         def holds(fqn: str, key: str) -> bool:
             return isinstance(saved.get(fqn), dict) and key in saved[fqn]
-    _create_saved_entries(model, optimizer, holds)
+    _create_saved_entries(model, optimizer, holds, from_rank0=bool(getattr(options, "broadcast_from_rank0", False)))
     torch_set(model, optimizer, optim_state_dict, options=options)
 
 

@@ -322,6 +322,8 @@ class MaskedAdamW(Optimizer):
         keys, seen = frozenset(group), self._group_keys.get(id(group))
         if keys != seen:
             warn_misspelt_options({key: group[key] for key in keys - (seen or frozenset())})
+            current = {id(g) for g in self.param_groups}  # (groups a load_state_dict replaced go)
+            self._group_keys = {i: k for i, k in self._group_keys.items() if i in current}
             self._group_keys[id(group)] = keys
 
     # ------------------------------------------------------------------ state
@@ -477,6 +479,15 @@ class MaskedAdamW(Optimizer):
         """The step proper. With the Triton backend ``torch.compile`` traces it: the kernel is
         the ``torch.library`` op ``masked_optim::fused_step`` (``kernels/op.py``)."""
         self._check_grads()
+        if not torch.compiler.is_compiling() and self.__dict__.get("_anchors_unchecked"):
+            self._anchors_unchecked = False
+            if not any(_uses_anchor(group) for group in self.param_groups):
+                warnings.warn(
+                    "the anchors consolidate() made are unused: no param group has anchor_decay > 0, protect_strength "
+                    "> 0 or a density below 1 (or a DensityScheduler), so they change nothing this step does. Set "
+                    "anchor_decay before consolidate() (it copies θ* only for groups that have it)", UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
         # every group is checked (and its compiles and tables made) before the first one steps:
         # a group that cannot step leaves all of them unchanged
         steps = []
@@ -625,12 +636,7 @@ class MaskedAdamW(Optimizer):
                 + ". Run observe() on gradients of the old data (or train on it) first", UserWarning, stacklevel=user_stacklevel(),
             )
             return
-        if not any(_uses_anchor(group) for group in self.param_groups):
-            warnings.warn(
-                "consolidate(): no param group uses what it makes (anchor_decay=0, protect_strength=0 and density 1 "
-                "in every group), so the steps stay AdamW's: set anchor_decay before consolidate() (it copies θ* "
-                "only for groups that have it), protect_strength, or a density < 1", UserWarning, stacklevel=user_stacklevel(),
-            )
+        self._anchors_unchecked = True  # the next step says whether any group uses them
         for group, params in zip(self.param_groups, taking_part):
             dtype = self._importance_dtype(group)
             for p in params:  # an importance_dtype changed since the last step takes effect now

@@ -104,11 +104,52 @@ def scenario_ddp_observe_batches(rank: int, world: int) -> None:
         def loss_of(index, batch):
             return torch.nn.functional.mse_loss(forward(batch[0]), batch[1])
 
-        assert observe_batches(opt, model.module, take_batches(data[rank], None), loss_of, contextlib.nullcontext) == 3
+        counts = []
+        observe_batches(opt, model.module, take_batches(data[rank], None), loss_of, contextlib.nullcontext, counts.append)
+        assert counts == [1, 2, 3]
         opt.consolidate()
         for p, q in zip(model.parameters(), single.parameters()):
             for key in ("importance", "anchor", "anchor_param"):
                 assert_close(opt.state[p][key], single_opt.state[q][key], f"observe_batches {key} vs single process")
+
+    # a branch one rank's batch does not reach (rank 0 skips the last layer): its grads are
+    # None there and the ranks still make the same collectives (zeros in their place)
+    def branch_loss(net, r, batch):
+        x, y = batch
+        out = net(x) if r == 1 else net[:4](x).sum(1, keepdim=True)
+        return torch.nn.functional.mse_loss(out, y)
+
+    single = model_factory()
+    single_opt = MaskedAdamW(single.parameters(), **OPTIONS)
+    for index in range(3):
+        summed = [torch.zeros_like(p) for p in single.parameters()]
+        for r in range(world):
+            single.zero_grad(set_to_none=True)
+            branch_loss(single, r, data[r][index]).backward()
+            for total, p in zip(summed, single.parameters()):
+                if p.grad is not None:
+                    total.add_(p.grad / world)
+        for total, p in zip(summed, single.parameters()):
+            p.grad = total
+        single_opt.observe()
+    model = model_factory()
+    opt = MaskedAdamW(model.parameters(), **OPTIONS)
+    observe_batches(opt, model, take_batches(data[rank], None), lambda i, batch: branch_loss(model, rank, batch),
+                    contextlib.nullcontext, lambda count: None)
+    for p, q in zip(model.parameters(), single.parameters()):
+        assert_close(opt.state[p]["importance"], single_opt.state[q]["importance"], "observe_batches with a branch")
+
+    # FSDP1 reduces its own grads (per-rank shards): averaging them would mix the ranks' shards
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from masked_optim.integrations import average_grads_over_ranks
+
+    wrapped = FullyShardedDataParallel(model_factory(), device_id=torch.device("cpu"))
+    x, y = data[rank][0]
+    torch.nn.functional.mse_loss(wrapped(x), y).backward()
+    before = [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]
+    average_grads_over_ranks(wrapped)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, [p for p in wrapped.parameters() if p.grad is not None]))
     try:
         take_batches(data[rank][:2 + rank], None)
     except ValueError as error:
@@ -282,21 +323,28 @@ def scenario_fsdp2_full_state_dict(rank: int, world: int) -> None:
     saved_params = [p.detach().clone() for p in model.parameters()]
     train(model, opt, data[6:])
 
-    resumed, resumed_opt = sharded()
-    with torch.no_grad():
-        for p, q in zip(resumed.parameters(), saved_params):
-            p.copy_(q)
-    set_optimizer_state_dict(resumed, resumed_opt, full, options=StateDictOptions(full_state_dict=True))
-    for p in resumed.parameters():
-        for key in ("anchor", "anchor_param") + (("user_mask",) if p is next(resumed.parameters()) else ()):
-            value = resumed_opt.state[p][key]
-            assert hasattr(value, "to_local") and value.to_local().shape == p.to_local().shape, key
-    train(resumed, resumed_opt, data[6:])
-    for p, q in zip(resumed.parameters(), model.parameters()):
-        assert torch.equal(p.to_local(), q.to_local()), "run resumed from a full state dict differs"
-        for key, value in opt.state[q].items():
-            if torch.is_tensor(value):
-                assert torch.equal(_full(resumed_opt.state[p][key]), _full(value)), key
+    from masked_optim.distributed import set_optimizer_state_dict as ours
+
+    # every rank holds the full dict (torch's function), or only rank 0 (broadcast_from_rank0:
+    # masked_optim's, which makes the anchors and mask rank 0's dict holds on every rank)
+    loads = [(set_optimizer_state_dict, full, StateDictOptions(full_state_dict=True)),
+             (ours, full if rank == 0 else {}, StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))]
+    for load, given, options in loads:
+        resumed, resumed_opt = sharded()
+        with torch.no_grad():
+            for p, q in zip(resumed.parameters(), saved_params):
+                p.copy_(q)
+        load(resumed, resumed_opt, copy.deepcopy(given), options=options)
+        for p in resumed.parameters():
+            for key in ("anchor", "anchor_param") + (("user_mask",) if p is next(resumed.parameters()) else ()):
+                value = resumed_opt.state[p][key]
+                assert hasattr(value, "to_local") and value.to_local().shape == p.to_local().shape, key
+        train(resumed, resumed_opt, data[6:])
+        for p, q in zip(resumed.parameters(), model.parameters()):
+            assert torch.equal(p.to_local(), q.to_local()), f"run resumed from a full state dict differs ({load.__module__})"
+            for key, value in opt.state[q].items():
+                if torch.is_tensor(value):
+                    assert torch.equal(_full(resumed_opt.state[p][key]), _full(value)), key
 
 
 def scenario_set_mask_keeps_each_ranks_own_shard(rank: int, world: int) -> None:

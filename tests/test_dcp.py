@@ -1,7 +1,7 @@
 """torch.distributed.checkpoint in one process, in the nested and the flattened
 (``flatten_optimizer_state_dict=True``, torchtitan's) formats: anchors and masks survive a load
 into a fresh optimizer, and a rollback to a checkpoint saved before ``consolidate()`` returns
-to it. (The same under FSDP2 with 2 ranks: tests/dist_worker.py.)"""
+to it. (FSDP2 with 2 ranks, full state dicts and broadcast_from_rank0: tests/dist_worker.py.)"""
 from __future__ import annotations
 
 import copy

@@ -352,10 +352,11 @@ def test_observe_without_grads_and_consolidate_before_any_importance_warn_at_the
     assert "importance" not in opt.state[param]
 
 
-def test_consolidate_that_no_step_uses_warns_at_the_users_line():
-    """With density 1, no anchor_decay and no protect_strength in every group, consolidate()
-    changes nothing the steps do (the usual cause: anchor_decay forgotten): it says so. A group
-    that uses the anchor, a density below 1, or a DensityScheduler's group stays quiet."""
+def test_anchors_that_no_step_uses_warn_at_the_next_step():
+    """With density 1, no anchor_decay and no protect_strength in every group, the anchors
+    consolidate() makes change nothing the steps do (the usual cause: anchor_decay forgotten):
+    the next step says so, once, at the user's line. A group that uses the anchor, a density
+    below 1, or a DensityScheduler made after consolidate() (a callback's order) stays quiet."""
     from masked_optim import DensityScheduler
 
     def consolidated(**options):
@@ -363,19 +364,25 @@ def test_consolidate_that_no_step_uses_warns_at_the_users_line():
         opt = MaskedAdamW([param], **options)
         param.grad = torch.randn(8)
         opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.consolidate()
         return opt
 
     opt = consolidated()
-    with pytest.warns(UserWarning, match=r"consolidate\(\): no param group uses what it makes") as record:
-        opt.consolidate()
+    with pytest.warns(UserWarning, match=r"the anchors consolidate\(\) made are unused") as record:
+        opt.step()
     assert [w.filename for w in record] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once
     for options in (dict(anchor_decay=1.0), dict(protect_strength=1.0), dict(density=0.5)):
         opt = consolidated(**options)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            opt.consolidate()
+            opt.step()
     opt = consolidated(mask="protect")
     DensityScheduler(opt, start=1.0, end=0.2, steps=10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.consolidate()
+        opt.step()

@@ -506,3 +506,42 @@ def test_lightning_consolidate_callback_under_ddp_gives_every_rank_the_same_anch
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 default_root_dir=str(tmp_path), callbacks=[ConsolidateCallback(RankBatches()), AnchorsAgree()])
     trainer.fit(Module(), data)
+
+
+def test_lightning_consolidate_callback_on_a_second_fit_and_a_modules_own_log(tmp_path):
+    """A second ``fit()`` of the same trainer (not a resume: no ckpt_path) observes and
+    consolidates again on its fresh optimizer; a module's own ``log`` instance attribute is put
+    back after the passes."""
+    lightning = pytest.importorskip("lightning")
+    from masked_optim.integrations.lightning import ConsolidateCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, index):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return MaskedAdamW(self.parameters(), lr=1e-2, anchor_decay=1.0)
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=4)
+    callback = ConsolidateCallback([(x[:4], x[:4, :1]), (x[4:], x[4:, :1])])
+    module = Module()
+    logged = []
+    module.log = lambda name, value, **kwargs: logged.append(name)  # the module's own instance attribute
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                                callbacks=[callback])
+    trainer.fit(module, data)
+    assert callback.observed == 2 and logged == ["loss", "loss"]  # the training steps' logs only
+    callback.observed = 0
+    trainer.fit_loop.epoch_loop.max_steps = 4
+    trainer.fit(module, data)
+    assert callback.observed == 2
+    assert all("anchor" in trainer.optimizers[0].state[p] for p in module.parameters())

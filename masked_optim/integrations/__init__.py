@@ -81,9 +81,7 @@ def take_batches(batches: Iterable[Any], max_batches: Optional[int]) -> list:
         import torch
         import torch.distributed as dist
 
-        backend = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        counts = torch.tensor([len(taken), -len(taken)], device=device)
+        counts = torch.tensor([len(taken), -len(taken)], device=_collective_device())
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         if counts[0].item() != -counts[1].item():
             raise ValueError(f"ConsolidateCallback: the ranks took different numbers of batches ({-counts[1].item()} to "
@@ -100,45 +98,88 @@ def _world() -> Optional[int]:
     return None
 
 
-def average_grads_over_ranks(params: Iterable[Any]) -> None:
-    """Average the plain-tensor grads of ``params`` over the default process group, as DDP's
-    backward does: a callback's passes call the module itself, not its DDP wrapper, so its grads
-    are this rank's own (each rank's importance would differ, and so would its masks and
-    anchors). DTensor grads (FSDP2) are reduced by their own backward and are left alone.
-    Averaging grads that are already equal on every rank changes nothing."""
+def _collective_device() -> Any:
+    """A device the default process group's collectives take: the CPU where it has gloo, else
+    the current accelerator (nccl and the like)."""
+    import torch
+    import torch.distributed as dist
+
+    if "gloo" in str(dist.get_backend()):
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def _reduces_its_own_grads(model: Any) -> bool:
+    """Whether ``model``'s backward reduces its grads itself: FSDP1 units (their grads are
+    reduce-scattered shards, which differ by rank). FSDP2 and tensor-parallel params are
+    DTensors, which ``average_grads_over_ranks`` leaves alone."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+
+
+def average_grads_over_ranks(model: Any) -> None:
+    """Average the grads of ``model``'s trainable params over the default process group, as
+    DDP's backward does: a callback's passes call the module itself, not its DDP wrapper, so its
+    grads are this rank's own (each rank's importance would differ, and so would its masks and
+    anchors). Every param takes part on every rank, with zeros where this rank has no grad (a
+    branch its batch did not reach), so the ranks make the same collectives; a param left
+    without a grad on every rank stays without. One collective per dtype. DTensor grads (FSDP2,
+    tensor parallel) and models with FSDP1 units reduce their own grads and are left alone;
+    averaging grads that are already equal on every rank changes nothing."""
     world = _world()
-    if world is None:
+    if world is None or _reduces_its_own_grads(model):
         return
+    import torch
     import torch.distributed as dist
 
     from masked_optim.distributed import is_dtensor
 
-    for p in params:
-        if p.grad is not None and not is_dtensor(p.grad):
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
+    params = [p for p in model.parameters() if p.requires_grad and not is_dtensor(p)]
+    if not params:
+        return
+    device = _collective_device()
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM)
+    by_dtype: dict[Any, list] = {}
+    for index, p in enumerate(params):  # (the same order on every rank: the model's)
+        by_dtype.setdefault(p.dtype, []).append((index, p))
+    for members in by_dtype.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device)
+                          for _, p in members])
+        dist.all_reduce(torch.view_as_real(flat) if flat.is_complex() else flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        offset = 0
+        for index, p in members:
+            piece = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is not None:
+                p.grad.copy_(piece)
+            elif present[index] > 0:  # another rank's batch reached it
+                p.grad = piece.to(p.device).clone()
 
 
 def observe_batches(opt: Any, model: Any, batches: list, loss_of: Callable[[int, Any], Any],
-                    forward_context: Callable[[], ContextManager]) -> int:
+                    forward_context: Callable[[], ContextManager], observed: Callable[[int], None]) -> None:
     """Forward and backward passes on ``batches`` with ``opt.observe()`` after each, the model in
-    eval mode and its grads cleared before every pass and afterwards; returns how many batches
-    were observed. ``loss_of(index, batch)`` runs the forward pass (under ``forward_context()``)
-    and returns the loss, or raises."""
+    eval mode and its grads cleared before every pass and afterwards; ``observed(n)`` is told
+    how many batches were observed after each. ``loss_of(index, batch)`` runs the forward pass
+    (under ``forward_context()``) and returns the loss, or raises. Under torch.distributed
+    every rank must reach every pass (a rank that raises leaves the others waiting)."""
     was_training = model.training
     model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    observed = 0
     try:
         for index, batch in enumerate(batches):
             model.zero_grad(set_to_none=True)
             with forward_context():
                 loss = loss_of(index, batch)
             loss.backward()
-            average_grads_over_ranks(params)
+            average_grads_over_ranks(model)
             opt.observe()  # importance only: no parameter or moment changes
-            observed += 1
+            observed(index + 1)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return observed

@@ -113,5 +113,9 @@ class ConsolidateCallback(TrainerCallback):
             return loss
 
         self.observed = 0
-        self.observed = observe_batches(opt, model, batches, loss_of, forward_context)
+
+        def observed(count: int) -> None:
+            self.observed = count
+
+        observe_batches(opt, model, batches, loss_of, forward_context, observed)
         opt.consolidate(self.how, reset_moments=self.reset_moments)

@@ -107,7 +107,7 @@ class ConsolidateCallback(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Observe the old batches and consolidate, unless the fit resumes past step 0."""
-        if trainer.global_step > 0:  # resumed from a checkpoint: its optimizer state holds the anchors
+        if trainer.ckpt_path is not None and trainer.global_step > 0:  # resumed: the checkpoint holds the anchors
             return
         opt = masked_adamw(_optimizer(trainer, self.optimizer_index), "the trainer's optimizer",
                            "return one from configure_optimizers")
@@ -130,19 +130,30 @@ class ConsolidateCallback(Callback):
             return loss
 
         self.observed = 0
-        self.observed = observe_batches(opt, pl_module, batches, loss_of, trainer.precision_plugin.forward_context)
+
+        def observed(count: int) -> None:
+            self.observed = count
+
+        observe_batches(opt, pl_module, batches, loss_of, trainer.precision_plugin.forward_context, observed)
         opt.consolidate(self.how, reset_moments=self.reset_moments)
 
 
 @contextlib.contextmanager
 def _logging_dropped(module: Any) -> Any:
     """``module.log`` and ``module.log_dict`` do nothing within (instance attributes shadowing
-    the methods, removed afterwards)."""
+    the methods; the module's own instance attributes of those names, if any, are put back)."""
     def drop(*args: Any, **kwargs: Any) -> None:
         return None
 
-    module.log = module.log_dict = drop
+    names = ("log", "log_dict")
+    saved = {name: module.__dict__[name] for name in names if name in module.__dict__}
+    for name in names:
+        setattr(module, name, drop)
     try:
         yield
     finally:
-        del module.log, module.log_dict
+        for name in names:
+            if name in saved:
+                setattr(module, name, saved[name])
+            else:
+                delattr(module, name)
