@@ -315,6 +315,22 @@ class MaskedAdamW(Optimizer):
         added = self.param_groups[-1]
         self.__dict__.setdefault("_group_keys", {})[id(added)] = frozenset(added)
 
+    def _check_anchors_used(self) -> None:
+        """Once after ``consolidate()``, at the next eager step (or ``mask_stats()``, which a
+        loop of compiled Triton steps still reaches eagerly): warn when no param group uses the
+        anchors, so that they change nothing (the usual cause: ``anchor_decay`` forgotten).
+        Checked then rather than in ``consolidate()``: a DensityScheduler or a callback may set
+        the options in between."""
+        if not self.__dict__.get("_anchors_unchecked"):
+            return
+        self._anchors_unchecked = False
+        if not any(_uses_anchor(group) for group in self.param_groups):
+            warnings.warn(
+                "the anchors consolidate() made are unused: no param group has anchor_decay > 0, protect_strength > 0 "
+                "or a density below 1 (or a DensityScheduler), so they change nothing the steps do. Set anchor_decay "
+                "before consolidate() (it copies θ* only for groups that have it)", UserWarning, stacklevel=user_stacklevel(),
+            )
+
     def _warn_new_keys(self, group: dict[str, Any]) -> None:
         """Warn about a misspelt option set in a param group after it was made
         (``opt.param_groups[0]["anchr_decay"] = 3``): keys not seen in this group before are
@@ -479,15 +495,8 @@ class MaskedAdamW(Optimizer):
         """The step proper. With the Triton backend ``torch.compile`` traces it: the kernel is
         the ``torch.library`` op ``masked_optim::fused_step`` (``kernels/op.py``)."""
         self._check_grads()
-        if not torch.compiler.is_compiling() and self.__dict__.get("_anchors_unchecked"):
-            self._anchors_unchecked = False
-            if not any(_uses_anchor(group) for group in self.param_groups):
-                warnings.warn(
-                    "the anchors consolidate() made are unused: no param group has anchor_decay > 0, protect_strength "
-                    "> 0 or a density below 1 (or a DensityScheduler), so they change nothing this step does. Set "
-                    "anchor_decay before consolidate() (it copies θ* only for groups that have it)", UserWarning,
-                    stacklevel=user_stacklevel(),
-                )
+        if not torch.compiler.is_compiling():
+            self._check_anchors_used()
         # every group is checked (and its compiles and tables made) before the first one steps:
         # a group that cannot step leaves all of them unchanged
         steps = []
@@ -712,6 +721,7 @@ class MaskedAdamW(Optimizer):
         """
         if not isinstance(global_counts, bool):
             raise ValueError(f"Invalid global_counts: {global_counts!r} (must be a bool)")
+        self._check_anchors_used()
         report: list[dict[str, Any]] = []
         count_groups = [common_shard_groups(g["params"], i) for i, g in enumerate(self.param_groups)] if global_counts else []
         for index, group in enumerate(self.param_groups):
@@ -789,6 +799,7 @@ class MaskedAdamW(Optimizer):
         """Put back what ``Optimizer.load_state_dict`` changed: state dtypes and layouts, the
         counters' device, this optimizer's backend and the options the checkpoint lacks."""
         self._last_stats.clear()  # the stats of a step taken before the load describe nothing loaded
+        self._anchors_unchecked = False  # (anchors made before the load are gone)
         for saved, current, group in zip(saved_groups, current_groups, self.param_groups):
             for key, value in current.items():  # options a foreign checkpoint lacks stay as set
                 if key not in saved:

@@ -132,12 +132,19 @@ def scenario_ddp_observe_batches(rank: int, world: int) -> None:
         for total, p in zip(summed, single.parameters()):
             p.grad = total
         single_opt.observe()
-    model = model_factory()
-    opt = MaskedAdamW(model.parameters(), **OPTIONS)
-    observe_batches(opt, model, take_batches(data[rank], None), lambda i, batch: branch_loss(model, rank, batch),
-                    contextlib.nullcontext, lambda count: None)
-    for p, q in zip(model.parameters(), single.parameters()):
-        assert_close(opt.state[p]["importance"], single_opt.state[q]["importance"], "observe_batches with a branch")
+    import masked_optim.integrations as integrations
+
+    for bucket in (integrations.BUCKET_NUMEL, 40):  # one collective per dtype, or several (params of 7-91 elements)
+        integrations.BUCKET_NUMEL, default = bucket, integrations.BUCKET_NUMEL
+        try:
+            model = model_factory()
+            opt = MaskedAdamW(model.parameters(), **OPTIONS)
+            observe_batches(opt, model, take_batches(data[rank], None), lambda i, batch: branch_loss(model, rank, batch),
+                            contextlib.nullcontext, lambda count: None)
+        finally:
+            integrations.BUCKET_NUMEL = default
+        for p, q in zip(model.parameters(), single.parameters()):
+            assert_close(opt.state[p]["importance"], single_opt.state[q]["importance"], f"observe_batches with a branch ({bucket})")
 
     # FSDP1 reduces its own grads (per-rank shards): averaging them would mix the ranks' shards
     from torch.distributed.fsdp import FullyShardedDataParallel

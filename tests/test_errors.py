@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument and value, and nothing is half-applied."""
+import copy
 import warnings
 
 import pytest
@@ -383,6 +384,21 @@ def test_anchors_that_no_step_uses_warn_at_the_next_step():
             opt.step()
     opt = consolidated(mask="protect")
     DensityScheduler(opt, start=1.0, end=0.2, steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    # mask_stats() checks too (a loop of compiled Triton steps reaches it eagerly); a load
+    # of a state saved before consolidate() leaves no anchors to warn about
+    opt = consolidated()
+    with pytest.warns(UserWarning, match=r"the anchors consolidate\(\) made are unused"):
+        opt.mask_stats()
+    param = torch.randn(8, requires_grad=True)
+    opt = MaskedAdamW([param])
+    param.grad = torch.randn(8)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    opt.consolidate()
+    opt.load_state_dict(saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()

@@ -545,3 +545,30 @@ def test_lightning_consolidate_callback_on_a_second_fit_and_a_modules_own_log(tm
     trainer.fit(module, data)
     assert callback.observed == 2
     assert all("anchor" in trainer.optimizers[0].state[p] for p in module.parameters())
+
+
+def test_collective_device_follows_the_default_groups_backends(monkeypatch):
+    """The callbacks' collectives go on the tensors' own device where the default process group
+    has a backend for it, else the CPU (``init_process_group()`` without a backend on a CPU
+    machine is ``cpu:gloo``), else the accelerator; a clear error without any."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    from types import SimpleNamespace
+
+    from masked_optim.integrations import _collective_device
+
+    def group_with(*types):
+        monkeypatch.setattr(dist.distributed_c10d, "_get_default_group",
+                            lambda: SimpleNamespace(_device_types=[torch.device(t) for t in types]))
+
+    group_with("cpu")
+    assert _collective_device(torch.device("cpu")) == torch.device("cpu")
+    assert _collective_device(torch.device("cuda", 1)) == torch.device("cpu")
+    group_with("cpu", "cuda")
+    assert _collective_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    group_with("cuda")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: None)
+    with pytest.raises(RuntimeError, match=r"has no backend for cpu tensors \(it has \['cuda'\]\) and there is no accelerator"):
+        _collective_device(torch.device("cpu"))

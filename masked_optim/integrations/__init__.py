@@ -81,7 +81,7 @@ def take_batches(batches: Iterable[Any], max_batches: Optional[int]) -> list:
         import torch
         import torch.distributed as dist
 
-        counts = torch.tensor([len(taken), -len(taken)], device=_collective_device())
+        counts = torch.tensor([len(taken), -len(taken)], device=_collective_device(torch.device("cpu")))
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         if counts[0].item() != -counts[1].item():
             raise ValueError(f"ConsolidateCallback: the ranks took different numbers of batches ({-counts[1].item()} to "
@@ -98,15 +98,25 @@ def _world() -> Optional[int]:
     return None
 
 
-def _collective_device() -> Any:
-    """A device the default process group's collectives take: the CPU where it has gloo, else
-    the current accelerator (nccl and the like)."""
+def _collective_device(like: Any) -> Any:
+    """A device the default process group's collectives take: ``like`` where the group has a
+    backend for its type (gloo for the CPU, nccl for CUDA, ...), else the CPU where it has one,
+    else the current accelerator."""
     import torch
     import torch.distributed as dist
 
-    if "gloo" in str(dist.get_backend()):
+    try:  # the device types the default group has backends for
+        types = {device.type for device in dist.distributed_c10d._get_default_group()._device_types}
+    except Exception:  # (a torch without it: the backend's name)
+        types = {"cpu"} if "gloo" in str(dist.get_backend()) else {"cuda"}
+    if like.type in types:
+        return like
+    if "cpu" in types:
         return torch.device("cpu")
     accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None:
+        raise RuntimeError(f"ConsolidateCallback: the default process group has no backend for {like.type} tensors "
+                           f"(it has {sorted(types)}) and there is no accelerator")
     return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 
@@ -121,13 +131,18 @@ def _reduces_its_own_grads(model: Any) -> bool:
     return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
 
 
+#: elements per collective of ``average_grads_over_ranks`` (its transient buffer: 64 MB of fp32)
+BUCKET_NUMEL = 1 << 24
+
+
 def average_grads_over_ranks(model: Any) -> None:
     """Average the grads of ``model``'s trainable params over the default process group, as
     DDP's backward does: a callback's passes call the module itself, not its DDP wrapper, so its
     grads are this rank's own (each rank's importance would differ, and so would its masks and
     anchors). Every param takes part on every rank, with zeros where this rank has no grad (a
     branch its batch did not reach), so the ranks make the same collectives; a param left
-    without a grad on every rank stays without. One collective per dtype. DTensor grads (FSDP2,
+    without a grad on every rank stays without. One collective per dtype and ``BUCKET_NUMEL``
+    elements (a param larger than that is one of its own). DTensor grads (FSDP2,
     tensor parallel) and models with FSDP1 units reduce their own grads and are left alone;
     averaging grads that are already equal on every rank changes nothing."""
     world = _world()
@@ -138,16 +153,26 @@ def average_grads_over_ranks(model: Any) -> None:
 
     from masked_optim.distributed import is_dtensor
 
-    params = [p for p in model.parameters() if p.requires_grad and not is_dtensor(p)]
+    params = [p for p in model.parameters() if p.requires_grad and not is_dtensor(p) and p.device.type != "meta"]
     if not params:
         return
-    device = _collective_device()
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError("MaskedAdamW does not support sparse gradients")
+    device = _collective_device(params[0].device)
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
     dist.all_reduce(present, op=dist.ReduceOp.SUM)
-    by_dtype: dict[Any, list] = {}
+    present = present.tolist()  # (one read on the host)
+    buckets: dict[Any, list] = {}  # per dtype, runs of params of up to BUCKET_NUMEL elements
+    filled: dict[Any, int] = {}
     for index, p in enumerate(params):  # (the same order on every rank: the model's)
-        by_dtype.setdefault(p.dtype, []).append((index, p))
-    for members in by_dtype.values():
+        runs = buckets.setdefault(p.dtype, [[]])
+        if runs[-1] and filled[p.dtype] + p.numel() > BUCKET_NUMEL:
+            runs.append([])
+            filled[p.dtype] = 0
+        runs[-1].append((index, p))
+        filled[p.dtype] = filled.get(p.dtype, 0) + p.numel()
+    for members in (run for runs in buckets.values() for run in runs):
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device)
                           for _, p in members])
         dist.all_reduce(torch.view_as_real(flat) if flat.is_complex() else flat, op=dist.ReduceOp.SUM)
