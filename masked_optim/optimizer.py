@@ -315,15 +315,19 @@ class MaskedAdamW(Optimizer):
         added = self.param_groups[-1]
         self.__dict__.setdefault("_group_keys", {})[id(added)] = frozenset(added)
 
-    def _check_anchors_used(self) -> None:
-        """Once after ``consolidate()``, at the next eager step (or ``mask_stats()``, which a
-        loop of compiled Triton steps still reaches eagerly): warn when no param group uses the
-        anchors, so that they change nothing (the usual cause: ``anchor_decay`` forgotten).
-        Checked then rather than in ``consolidate()``: a DensityScheduler or a callback may set
-        the options in between."""
-        if not self.__dict__.get("_anchors_unchecked"):
+    def _check_anchors_used(self, stepping: bool) -> None:
+        """Once after ``consolidate()``, at the next eager step (or at ``mask_stats()`` once a
+        step was taken: a loop of compiled Triton steps reaches it eagerly): warn when no param
+        group uses the anchors, so that they change nothing (the usual cause: ``anchor_decay``
+        forgotten). Checked then rather than in ``consolidate()``: a DensityScheduler or a
+        callback may set the options in between. ``_anchors_unchecked`` holds the step stats of
+        ``consolidate()``'s time (a step since has replaced them), or None."""
+        before = self.__dict__.get("_anchors_unchecked")
+        if before is None:
             return
-        self._anchors_unchecked = False
+        if not stepping and len(before) == len(self._last_stats) and all(a is b for a, b in zip(before, self._last_stats)):
+            return  # no step since consolidate(): the options may still change
+        self._anchors_unchecked = None
         if not any(_uses_anchor(group) for group in self.param_groups):
             warnings.warn(
                 "the anchors consolidate() made are unused: no param group has anchor_decay > 0, protect_strength > 0 "
@@ -496,7 +500,7 @@ class MaskedAdamW(Optimizer):
         the ``torch.library`` op ``masked_optim::fused_step`` (``kernels/op.py``)."""
         self._check_grads()
         if not torch.compiler.is_compiling():
-            self._check_anchors_used()
+            self._check_anchors_used(stepping=True)
         # every group is checked (and its compiles and tables made) before the first one steps:
         # a group that cannot step leaves all of them unchanged
         steps = []
@@ -645,7 +649,7 @@ class MaskedAdamW(Optimizer):
                 + ". Run observe() on gradients of the old data (or train on it) first", UserWarning, stacklevel=user_stacklevel(),
             )
             return
-        self._anchors_unchecked = True  # the next step says whether any group uses them
+        self._anchors_unchecked = list(self._last_stats)  # the next step says whether any group uses them
         for group, params in zip(self.param_groups, taking_part):
             dtype = self._importance_dtype(group)
             for p in params:  # an importance_dtype changed since the last step takes effect now
@@ -721,7 +725,7 @@ class MaskedAdamW(Optimizer):
         """
         if not isinstance(global_counts, bool):
             raise ValueError(f"Invalid global_counts: {global_counts!r} (must be a bool)")
-        self._check_anchors_used()
+        self._check_anchors_used(stepping=False)
         report: list[dict[str, Any]] = []
         count_groups = [common_shard_groups(g["params"], i) for i, g in enumerate(self.param_groups)] if global_counts else []
         for index, group in enumerate(self.param_groups):
@@ -799,7 +803,7 @@ class MaskedAdamW(Optimizer):
         """Put back what ``Optimizer.load_state_dict`` changed: state dtypes and layouts, the
         counters' device, this optimizer's backend and the options the checkpoint lacks."""
         self._last_stats.clear()  # the stats of a step taken before the load describe nothing loaded
-        self._anchors_unchecked = False  # (anchors made before the load are gone)
+        self._anchors_unchecked = None  # (anchors made before the load are gone)
         for saved, current, group in zip(saved_groups, current_groups, self.param_groups):
             for key, value in current.items():  # options a foreign checkpoint lacks stay as set
                 if key not in saved:

@@ -390,6 +390,15 @@ def test_anchors_that_no_step_uses_warn_at_the_next_step():
     # mask_stats() checks too (a loop of compiled Triton steps reaches it eagerly); a load
     # of a state saved before consolidate() leaves no anchors to warn about
     opt = consolidated()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.mask_stats()  # no step since consolidate(): the options may still be set
+    DensityScheduler(opt, start=1.0, end=0.2, steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    opt = consolidated()
+    opt._last_stats[:] = [copy.copy(stats) for stats in opt._last_stats]  # new stats, as a compiled Triton step leaves
     with pytest.warns(UserWarning, match=r"the anchors consolidate\(\) made are unused"):
         opt.mask_stats()
     param = torch.randn(8, requires_grad=True)

@@ -555,20 +555,21 @@ def test_collective_device_follows_the_default_groups_backends(monkeypatch):
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
-    from types import SimpleNamespace
+    from masked_optim.integrations import _backend_device_types, _collective_device
 
-    from masked_optim.integrations import _collective_device
+    assert _backend_device_types("cpu:gloo,cuda:nccl") == {"cpu", "cuda"}
+    assert _backend_device_types("gloo") == {"cpu"} and _backend_device_types("nccl") == {"cuda"}
+    assert _backend_device_types("undefined") == set()
 
-    def group_with(*types):
-        monkeypatch.setattr(dist.distributed_c10d, "_get_default_group",
-                            lambda: SimpleNamespace(_device_types=[torch.device(t) for t in types]))
+    def config(text):
+        monkeypatch.setattr(dist, "get_backend_config", lambda group=None: text)
 
-    group_with("cpu")
+    config("cpu:gloo")
     assert _collective_device(torch.device("cpu")) == torch.device("cpu")
     assert _collective_device(torch.device("cuda", 1)) == torch.device("cpu")
-    group_with("cpu", "cuda")
+    config("cpu:gloo,cuda:nccl")
     assert _collective_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
-    group_with("cuda")
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: None)
+    config("nccl")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args, **kwargs: None)
     with pytest.raises(RuntimeError, match=r"has no backend for cpu tensors \(it has \['cuda'\]\) and there is no accelerator"):
         _collective_device(torch.device("cpu"))

@@ -105,19 +105,28 @@ def _collective_device(like: Any) -> Any:
     import torch
     import torch.distributed as dist
 
-    try:  # the device types the default group has backends for
-        types = {device.type for device in dist.distributed_c10d._get_default_group()._device_types}
-    except Exception:  # (a torch without it: the backend's name)
-        types = {"cpu"} if "gloo" in str(dist.get_backend()) else {"cuda"}
+    types = _backend_device_types(str(dist.get_backend_config()))
     if like.type in types:
         return like
     if "cpu" in types:
         return torch.device("cpu")
-    accelerator = torch.accelerator.current_accelerator()
-    if accelerator is None:
+    accelerator = getattr(torch, "accelerator", None)  # (torch >= 2.6)
+    current = accelerator.current_accelerator() if accelerator is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else None)
+    if current is None:
         raise RuntimeError(f"ConsolidateCallback: the default process group has no backend for {like.type} tensors "
                            f"(it has {sorted(types)}) and there is no accelerator")
-    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+    index = accelerator.current_device_index() if accelerator is not None else torch.cuda.current_device()
+    return torch.device(current.type, index)
+
+
+def _backend_device_types(config: str) -> set:
+    """The device types of a process group's backend config (``dist.get_backend_config()``):
+    ``"cpu:gloo,cuda:nccl"``, or a backend's name alone (``"gloo"``: the CPU; ``"nccl"``: CUDA)."""
+    types = {part.split(":")[0].strip() for part in config.split(",") if ":" in part}
+    if not types:
+        types = {"cpu"} if "gloo" in config else {"cuda"} if "nccl" in config else set()
+    return types
 
 
 def _reduces_its_own_grads(model: Any) -> bool:
@@ -156,13 +165,13 @@ def average_grads_over_ranks(model: Any) -> None:
     params = [p for p in model.parameters() if p.requires_grad and not is_dtensor(p) and p.device.type != "meta"]
     if not params:
         return
-    for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            raise RuntimeError("MaskedAdamW does not support sparse gradients")
     device = _collective_device(params[0].device)
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
+    present = torch.tensor([p.grad is not None for p in params] + [sparse], dtype=torch.float32, device=device)
     dist.all_reduce(present, op=dist.ReduceOp.SUM)
     present = present.tolist()  # (one read on the host)
+    if present[-1] > 0:  # on every rank, also those without the sparse grad (they would wait)
+        raise RuntimeError("MaskedAdamW does not support sparse gradients (a rank's old batch gave one)")
     buckets: dict[Any, list] = {}  # per dtype, runs of params of up to BUCKET_NUMEL elements
     filled: dict[Any, int] = {}
     for index, p in enumerate(params):  # (the same order on every rank: the model's)
