@@ -157,6 +157,17 @@ def scenario_ddp_observe_batches(rank: int, world: int) -> None:
     before = [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]
     average_grads_over_ranks(wrapped)
     assert all(torch.equal(a, p.grad) for a, p in zip(before, [p for p in wrapped.parameters() if p.grad is not None]))
+
+    # a sparse grad on one rank only: every rank raises (none is left waiting in a collective)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    if rank == 0:
+        embedding(torch.tensor([1, 2])).sum().backward()
+    try:
+        average_grads_over_ranks(embedding)
+    except RuntimeError as error:
+        assert "does not support sparse gradients" in str(error), str(error)
+    else:
+        raise AssertionError("a sparse grad on rank 0 was averaged")
     try:
         take_batches(data[rank][:2 + rank], None)
     except ValueError as error:
