@@ -335,6 +335,21 @@ class MaskedAdamW(Optimizer):
                 "before consolidate() (it copies θ* only for groups that have it)", UserWarning, stacklevel=user_stacklevel(),
             )
 
+    def _recheck_after_compiled_steps(self) -> None:
+        """The eager step's warnings that a traced step (the Triton backend under
+        ``torch.compile``) cannot give: a misspelt option and a restoring force without targets.
+        ``mask_stats()`` gives them when the last step was not an eager one."""
+        eager = self.__dict__.get("_eager_stats")
+        if not self._last_stats or (eager is not None and len(eager) == len(self._last_stats)
+                                    and all(a is b for a, b in zip(eager, self._last_stats))):
+            return
+        self._eager_stats = list(self._last_stats)  # (once per compiled stretch)
+        for index, group in enumerate(self.param_groups):
+            self._warn_new_keys(group)
+            if _number("anchor_decay", group["anchor_decay"]) > 0 and any(
+                    "anchor" in self.state.get(p, {}) and "anchor_param" not in self.state[p] for p in group["params"]):
+                _warn_without_anchor_param(index)
+
     def _warn_new_keys(self, group: dict[str, Any]) -> None:
         """Warn about a misspelt option set in a param group after it was made
         (``opt.param_groups[0]["anchr_decay"] = 3``): keys not seen in this group before are
@@ -562,6 +577,8 @@ class MaskedAdamW(Optimizer):
                 _mark_missed(group["params"], positions, self.state)
             stats.append(result if result is not None else previous)
         self._last_stats[:] = stats  # in place: a compiled step replays list mutations
+        if not torch.compiler.is_compiling():  # (mask_stats() re-checks after compiled steps)
+            self._eager_stats = list(stats)
 
     @torch.no_grad()
     def observe(self, grad_scale: Optional[float | Tensor] = None) -> None:
@@ -726,6 +743,7 @@ class MaskedAdamW(Optimizer):
         if not isinstance(global_counts, bool):
             raise ValueError(f"Invalid global_counts: {global_counts!r} (must be a bool)")
         self._check_anchors_used(stepping=False)
+        self._recheck_after_compiled_steps()
         report: list[dict[str, Any]] = []
         count_groups = [common_shard_groups(g["params"], i) for i, g in enumerate(self.param_groups)] if global_counts else []
         for index, group in enumerate(self.param_groups):

@@ -178,3 +178,35 @@ def test_a_density_staircase_back_and_forth_compiles(mask):
         step()
         opts[1].step()
         assert torch.equal(params[0], params[1]) and opts[0].mask_stats() == opts[1].mask_stats(), density
+
+
+def test_mask_stats_gives_the_warnings_a_compiled_step_cannot():
+    """A traced Triton step cannot warn (Dynamo refuses ``warnings.warn``): ``mask_stats()``
+    gives, once, what the eager step would have said — a misspelt option set between steps, a
+    restoring force asked for after ``consolidate()`` made no targets, unused anchors."""
+    import warnings
+
+    params = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(8))]
+    opt = MaskedAdamW(params, lr=torch.tensor(1e-2), density=0.5, backend="triton")
+    step = torch.compile(opt.step, fullgraph=True)
+
+    def stepped(count: int = 1) -> None:
+        for _ in range(count):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            step()
+
+    stepped()
+    opt.consolidate()  # no anchor_param: anchor_decay is 0
+    opt.param_groups[0]["anchor_decay"] = 5.0
+    opt.param_groups[0]["densty"] = 0.2
+    stepped(2)
+    with pytest.warns(UserWarning) as record:
+        opt.mask_stats()
+    ours = [w for w in record if str(w.message).startswith("param group")]
+    messages = sorted(str(w.message)[:38] for w in ours)
+    assert messages == ["param group 0 has anchor_decay > 0 but", "param group key 'densty' is not a Mask"], messages
+    assert {w.filename for w in ours} == {__file__}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.mask_stats()  # once per stretch of compiled steps
