@@ -39,6 +39,20 @@ def _full(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def set_rank_averaged_grads(model: torch.nn.Module, world: int, loss_of_rank) -> None:
+    """Give ``model`` the grads DDP's backward gives every rank: the mean over ranks ``r`` of the
+    grads of ``loss_of_rank(r)`` (zeros for a param one rank's loss does not reach)."""
+    summed = [torch.zeros_like(p) for p in model.parameters()]
+    for r in range(world):
+        model.zero_grad(set_to_none=True)
+        loss_of_rank(r).backward()
+        for total, p in zip(summed, model.parameters()):
+            if p.grad is not None:
+                total.add_(p.grad / world)
+    for total, p in zip(summed, model.parameters()):
+        p.grad = total
+
+
 def scenario_ddp(rank: int, world: int) -> None:
     model = torch.nn.parallel.DistributedDataParallel(model_factory())
     opt = MaskedAdamW(model.parameters(), **OPTIONS)
@@ -53,15 +67,7 @@ def scenario_ddp(rank: int, world: int) -> None:
     single_opt = MaskedAdamW(single.parameters(), **OPTIONS)
     data = [batches(8, r) for r in range(world)]
     for index in range(8):
-        summed = [torch.zeros_like(p) for p in single.parameters()]
-        for r in range(world):
-            single.zero_grad()
-            x, y = data[r][index]
-            torch.nn.functional.mse_loss(single(x), y).backward()
-            for total, p in zip(summed, single.parameters()):
-                total.add_(p.grad / world)
-        for total, p in zip(summed, single.parameters()):
-            p.grad = total
+        set_rank_averaged_grads(single, world, lambda r: torch.nn.functional.mse_loss(single(data[r][index][0]), data[r][index][1]))
         single_opt.step()
         if index == 3:
             single_opt.consolidate()
@@ -84,15 +90,7 @@ def scenario_ddp_observe_batches(rank: int, world: int) -> None:
     single = model_factory()
     single_opt = MaskedAdamW(single.parameters(), **OPTIONS)
     for index in range(3):
-        summed = [torch.zeros_like(p) for p in single.parameters()]
-        for r in range(world):
-            single.zero_grad()
-            x, y = data[r][index]
-            torch.nn.functional.mse_loss(single(x), y).backward()
-            for total, p in zip(summed, single.parameters()):
-                total.add_(p.grad / world)
-        for total, p in zip(summed, single.parameters()):
-            p.grad = total
+        set_rank_averaged_grads(single, world, lambda r: torch.nn.functional.mse_loss(single(data[r][index][0]), data[r][index][1]))
         single_opt.observe()
     single_opt.consolidate()
 
@@ -122,15 +120,7 @@ def scenario_ddp_observe_batches(rank: int, world: int) -> None:
     single = model_factory()
     single_opt = MaskedAdamW(single.parameters(), **OPTIONS)
     for index in range(3):
-        summed = [torch.zeros_like(p) for p in single.parameters()]
-        for r in range(world):
-            single.zero_grad(set_to_none=True)
-            branch_loss(single, r, data[r][index]).backward()
-            for total, p in zip(summed, single.parameters()):
-                if p.grad is not None:
-                    total.add_(p.grad / world)
-        for total, p in zip(summed, single.parameters()):
-            p.grad = total
+        set_rank_averaged_grads(single, world, lambda r: branch_loss(single, r, data[r][index]))
         single_opt.observe()
     import masked_optim.integrations as integrations
 

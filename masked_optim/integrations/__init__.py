@@ -217,3 +217,17 @@ def observe_batches(opt: Any, model: Any, batches: list, loss_of: Callable[[int,
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+
+
+def observe_and_consolidate(callback: Any, opt: Any, model: Any, batches: list, loss_of: Callable[[int, Any], Any],
+                            forward_context: Callable[[], ContextManager]) -> None:
+    """The callbacks' task boundary: :func:`observe_batches`, with ``callback.observed``
+    counting the batches observed (also when a later one fails), then
+    ``opt.consolidate(callback.how, reset_moments=callback.reset_moments)``."""
+    callback.observed = 0
+
+    def observed(count: int) -> None:
+        callback.observed = count
+
+    observe_batches(opt, model, batches, loss_of, forward_context, observed)
+    opt.consolidate(callback.how, reset_moments=callback.reset_moments)

@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from masked_optim.integrations import (
-    check_consolidate_options, check_schedule, make_scheduler, masked_adamw, observe_batches, take_batches,
+    check_consolidate_options, check_schedule, make_scheduler, masked_adamw, observe_and_consolidate, take_batches,
 )
 from masked_optim.schedules import DensityScheduler
 
@@ -112,10 +112,4 @@ class ConsolidateCallback(TrainerCallback):
                                  f"{index} batch(es) before it were observed")
             return loss
 
-        self.observed = 0
-
-        def observed(count: int) -> None:
-            self.observed = count
-
-        observe_batches(opt, model, batches, loss_of, forward_context, observed)
-        opt.consolidate(self.how, reset_moments=self.reset_moments)
+        observe_and_consolidate(self, opt, model, batches, loss_of, forward_context)

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch import Callback
 
 from masked_optim.integrations import (
-    check_consolidate_options, check_schedule, make_scheduler, masked_adamw, observe_batches, take_batches,
+    check_consolidate_options, check_schedule, make_scheduler, masked_adamw, observe_and_consolidate, take_batches,
 )
 from masked_optim.schedules import DensityScheduler
 
@@ -129,13 +129,7 @@ class ConsolidateCallback(Callback):
                                  f"{index} batch(es) before it were observed")
             return loss
 
-        self.observed = 0
-
-        def observed(count: int) -> None:
-            self.observed = count
-
-        observe_batches(opt, pl_module, batches, loss_of, trainer.precision_plugin.forward_context, observed)
-        opt.consolidate(self.how, reset_moments=self.reset_moments)
+        observe_and_consolidate(self, opt, pl_module, batches, loss_of, trainer.precision_plugin.forward_context)
 
 
 @contextlib.contextmanager
