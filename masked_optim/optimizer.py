@@ -119,6 +119,12 @@ def _uses_anchor(group: dict[str, Any]) -> bool:
             or _number("density", group["density"]) < 1 or "initial_density" in group)
 
 
+def _same_stats(kept: list, current: list) -> bool:
+    """Whether ``current`` (``_last_stats``) still holds the stats objects ``kept`` copied: no
+    step has replaced them since."""
+    return len(kept) == len(current) and all(a is b for a, b in zip(kept, current))
+
+
 def _in_importance_dtype(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
     """The entries of ``state`` stored in the group's importance dtype that are not in ``dtype``
     (importance and anchor, converted): ``importance_dtype`` changed since they were made."""
@@ -325,7 +331,7 @@ class MaskedAdamW(Optimizer):
         before = self.__dict__.get("_anchors_unchecked")
         if before is None:
             return
-        if not stepping and len(before) == len(self._last_stats) and all(a is b for a, b in zip(before, self._last_stats)):
+        if not stepping and _same_stats(before, self._last_stats):
             return  # no step since consolidate(): the options may still change
         self._anchors_unchecked = None
         if not any(_uses_anchor(group) for group in self.param_groups):
@@ -340,8 +346,7 @@ class MaskedAdamW(Optimizer):
         ``torch.compile``) cannot give: a misspelt option and a restoring force without targets.
         ``mask_stats()`` gives them when the last step was not an eager one."""
         eager = self.__dict__.get("_eager_stats")
-        if not self._last_stats or (eager is not None and len(eager) == len(self._last_stats)
-                                    and all(a is b for a, b in zip(eager, self._last_stats))):
+        if not self._last_stats or (eager is not None and _same_stats(eager, self._last_stats)):
             return
         self._eager_stats = list(self._last_stats)  # (once per compiled stretch)
         for index, group in enumerate(self.param_groups):
