@@ -314,3 +314,31 @@ def test_consolidate_takes_complex_params(backend):
     opt.consolidate()
     assert opt.state[param]["anchor"].shape == (3, 2, 2) and opt.state[param]["anchor"].mean().item() == pytest.approx(1.0)
     assert opt.state[param]["anchor_param"].dtype == torch.complex64
+
+
+@pytest.mark.parametrize("how", ["max", "sum"])
+@pytest.mark.parametrize("scope", ["tensor", "group"])
+def test_a_boundary_repeated_on_the_same_batches_gives_the_same_anchors(how, scope):
+    """Observing the same old batches and consolidating again, with no step between (a trainer
+    callback run twice: Lightning resumed from a checkpoint saved before its first step),
+    leaves the anchors as one boundary made them: they are normalised to mean 1 per unit."""
+    params = _params()
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    once = MaskedAdamW(params, lr=1e-2, anchor_decay=1.0, importance_beta=0.7, scope=scope)
+    twice = MaskedAdamW(params, lr=1e-2, anchor_decay=1.0, importance_beta=0.7, scope=scope)
+
+    def boundary(opt):
+        for batch in grads:
+            for p, g in zip(params, batch):
+                p.grad = g.clone()
+            opt.observe()
+        opt.consolidate(how)
+
+    boundary(once)
+    boundary(twice)
+    first = [twice.state[p]["anchor"].clone() for p in params]
+    boundary(twice)
+    for p, a in zip(params, first):
+        assert_close(twice.state[p]["anchor"], once.state[p]["anchor"], "anchor of a repeated boundary")
+        assert_close(twice.state[p]["anchor"], a, "anchor of a repeated boundary")
+        assert torch.equal(twice.state[p]["anchor_param"], once.state[p]["anchor_param"])
