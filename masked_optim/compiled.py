@@ -76,10 +76,23 @@ def _new_importance(param, g, importance, live, scalars, kind):
     return s_new.to(importance.dtype)
 
 
+#: Inductor's C++ codegen before torch 2.13 folds an in-register fp32->bf16->fp32 round trip
+#: back to the unrounded fp32 value even with emulate_precision_casts (pytorch#185337)
+_FOLDS_BF16_ROUND_TRIP = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
+
+def _widen(x):
+    """``x.float()``; where Inductor would fold the rounding away, a bf16 value widened by its bit
+    pattern (exact, but the C++ loop is then not vectorised)."""
+    if x.dtype != torch.bfloat16 or not _FOLDS_BF16_ROUND_TRIP:
+        return x.float()
+    return (x.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+
+
 def _bins(importance, anchor, scalars, protect):
     if protect:
         return thr.score_bins(anchor.float())
-    s_hat = importance.float() * scalars[INV_S_CORRECTION].float()
+    s_hat = _widen(importance) * scalars[INV_S_CORRECTION].float()
     score = s_hat if anchor is None else s_hat / (anchor.float() + DELTA)
     return thr.score_bins(score)
 
