@@ -64,6 +64,28 @@ class TensorState:
     user_mask: Optional[Tensor] = None
 
 
+def check_state(t: TensorState) -> None:
+    """What would make a step fail part-way, checked before any backend changes anything
+    (ValueError naming the entry): every state tensor has its param's shape and device, the
+    moments, importance and anchors a floating dtype, a user mask bool; the moments the
+    param's math dtype (``check_moment_dtypes``)."""
+    param = t.param
+    for name in ("grad", "exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param", "user_mask"):
+        tensor = getattr(t, name)
+        if tensor is None:
+            continue
+        if tensor.shape != param.shape or tensor.device != param.device:
+            raise ValueError(
+                f"{name} of shape {tuple(tensor.shape)} on {tensor.device} does not match its param "
+                f"(shape {tuple(param.shape)} on {param.device})"
+            )
+        if name == "user_mask" and tensor.dtype != torch.bool:
+            raise ValueError(f"user_mask must be bool, got {tensor.dtype}")
+        if name not in ("grad", "user_mask") and not tensor.is_floating_point():
+            raise ValueError(f"{name} must have a floating dtype, got {tensor.dtype}")
+    check_moment_dtypes(param, t.exp_avg, t.exp_avg_sq)
+
+
 @dataclass
 class GroupHyper:
     """A param group's hyper-parameters as plain Python values (lr may be a 1-element Tensor)."""

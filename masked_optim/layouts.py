@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from masked_optim.functional import TensorState, check_moment_dtypes
+from masked_optim.functional import TensorState, check_state
 
 #: state tensors created like their param (in its layout)
 STATE_LIKE_PARAM = ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param")
@@ -57,12 +57,13 @@ def check_dense(param: Tensor, backend: str) -> None:
 
 
 def checked_inputs(t: TensorState, backend: str) -> tuple[Tensor, Optional[Tensor]]:
-    """Check that ``t``'s param is dense and its state laid out like it (ValueError naming
-    ``backend``, the tensor and its layout); return its grad and user mask in the param's
+    """Check ``t``'s state as every backend does (``functional.check_state``), and that its
+    param is dense and its state laid out like it (ValueError naming ``backend``, the tensor
+    and its layout); return its grad and user mask in the param's
     layout (copies where they are laid out otherwise)."""
     param = t.param
     check_dense(param, backend)
-    check_moment_dtypes(param, t.exp_avg, t.exp_avg_sq)
+    check_state(t)
     contiguous, shape = param.is_contiguous(), param.shape
     for name in STATE_LIKE_PARAM:
         tensor = getattr(t, name)

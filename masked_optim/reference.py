@@ -15,7 +15,7 @@ from torch import Tensor
 
 from masked_optim import threshold as thr
 from masked_optim.functional import (
-    GroupHyper, GroupStats, TensorState, check_moment_dtypes, gate_thresholds, gated, math_dtype, next_thresholds,
+    GroupHyper, GroupStats, TensorState, check_state, gate_thresholds, gated, math_dtype, next_thresholds,
 )
 
 #: select's score is s / (a + DELTA); the anchor has mean 1 per unit.
@@ -147,25 +147,10 @@ class GateBins:
 
 
 def check_group(tensors: list[TensorState]) -> None:
-    """What would make a step fail part-way, checked before it changes anything (ValueError):
-    every state tensor has its param's shape and device, the moments, importance and anchors a
-    floating dtype, a user mask bool."""
+    """What would make a step fail part-way, checked before it changes anything (ValueError;
+    ``functional.check_state`` of every tensor)."""
     for t in tensors:
-        param = t.param
-        for name in ("grad", "exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param", "user_mask"):
-            tensor = getattr(t, name)
-            if tensor is None:
-                continue
-            if tensor.shape != param.shape or tensor.device != param.device:
-                raise ValueError(
-                    f"{name} of shape {tuple(tensor.shape)} on {tensor.device} does not match its param "
-                    f"(shape {tuple(param.shape)} on {param.device})"
-                )
-            if name == "user_mask" and tensor.dtype != torch.bool:
-                raise ValueError(f"user_mask must be bool, got {tensor.dtype}")
-            if name not in ("grad", "user_mask") and not tensor.is_floating_point():
-                raise ValueError(f"{name} must have a floating dtype, got {tensor.dtype}")
-        check_moment_dtypes(param, t.exp_avg, t.exp_avg_sq)
+        check_state(t)
 
 
 def prepare_group(tensors: list[TensorState], hyper: GroupHyper, *, grad_scale: Optional[Tensor] = None,

@@ -62,6 +62,24 @@ def test_nonfinite_skip_leaves_elements_untouched_and_counts_them():
     assert opt.mask_stats()[0]["nonfinite_skipped"] == 3
 
 
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_nonfinite_skipped_elements_are_not_counted_frozen(backend):
+    """mask_stats: ``frozen`` counts gated-off elements; an element skipped for its non-finite
+    grad was gated on (density 1), so it is ``nonfinite_skipped``, not frozen, and the realised
+    density stays the target."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    param = torch.randn(6, 5, requires_grad=True)
+    opt = MaskedAdamW([param], lr=1e-2, backend=backend)
+    grad = torch.randn(6, 5)
+    grad[0, 0], grad[2, 3], grad[5, 4] = float("nan"), float("inf"), -float("inf")
+    param.grad = grad
+    opt.step()
+    stats = opt.mask_stats()[0]
+    assert (stats["nonfinite_skipped"], stats["frozen"], stats["updated"]) == (3, 0, 27)
+    assert stats["realised_density"] == 1.0
+
+
 def test_nonfinite_propagate_behaves_like_adamw():
     param = torch.randn(6, 5, requires_grad=True)
     twin = param.detach().clone().requires_grad_()

@@ -19,6 +19,10 @@ BAD_OPTIONS = [
     (dict(betas=(0.9,)), ValueError, r"Invalid betas"),
     (dict(eps=-1e-8), ValueError, r"Invalid eps: -1e-08"),
     (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay: -0\.1"),
+    (dict(weight_decay=float("nan")), ValueError, r"Invalid weight_decay: nan \(must be finite and >= 0"),
+    (dict(eps=float("inf")), ValueError, r"Invalid eps: inf \(must be finite and >= 0"),
+    (dict(protect_strength=float("inf")), ValueError, r"Invalid protect_strength: inf"),
+    (dict(anchor_decay=float("nan")), ValueError, r"Invalid anchor_decay: nan"),
     (dict(density=0.0), ValueError, r"Invalid density: 0\.0"),
     (dict(density=1.5), ValueError, r"Invalid density: 1\.5"),
     (dict(density=torch.tensor(0.5)), ValueError, r"Invalid density: tensor\(0\.5000\) \(must be a number: density has no Tensor form\)"),
@@ -39,6 +43,7 @@ BAD_OPTIONS = [
     (dict(gate_block=2048), ValueError, r"Invalid gate_block: 2048"),
     (dict(gate_block=16.0), ValueError, r"Invalid gate_block: 16\.0"),
     (dict(gate_block=True), ValueError, r"Invalid gate_block: True"),
+    (dict(decoupled_weight_decay=None), ValueError, r"Invalid decoupled_weight_decay: None \(must be a bool\)"),
 ]
 
 
@@ -167,6 +172,39 @@ def test_a_group_that_cannot_step_leaves_every_group_unchanged(first_backend, ba
     with pytest.raises(ValueError, match=message):
         opt.step()
     assert_bitwise_equal(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+@pytest.mark.parametrize("cause", ["float user_mask", "integer anchor_param", "state on another device"])
+def test_state_edited_into_a_bad_dtype_or_device_is_refused_before_any_change(cause, backend):
+    """Every backend's checks (``functional.check_state``: a user mask bool, anchors floating,
+    state on its param's device) run before anything changes: state edited by hand raises
+    ValueError naming the entry, with no step count, importance or param half-updated. (The
+    compile backend raised a Dynamo error for the mask and stepped an integer anchor_param.)"""
+    gen = torch.Generator().manual_seed(5)
+    param = torch.randn(4, 6, generator=gen).requires_grad_()
+    opt = MaskedAdamW([param], lr=0.1, density=0.5, anchor_decay=1.0, backend=backend)
+    set_random_grads([param], gen)
+    opt.step()
+    opt.consolidate()
+    state = opt.state[param]
+    if cause == "float user_mask":
+        state["user_mask"] = torch.ones(4, 6)
+        message = r"user_mask must be bool, got torch.float32"
+    elif cause == "integer anchor_param":
+        state["anchor_param"] = torch.zeros(4, 6, dtype=torch.int64)
+        message = r"anchor_param must have a floating dtype, got torch.int64"
+    else:
+        state["exp_avg"] = torch.zeros(4, 6, device="meta")
+        message = r"exp_avg (of shape \(4, 6\) on meta does not match its param \(shape \(4, 6\) on cpu\)|is on meta)"
+    set_random_grads([param], gen)
+    kept = {key: state[key].clone() for key in ("importance", "importance_step", "step", "exp_avg_sq")}
+    theta = param.detach().clone()
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert torch.equal(param.detach(), theta)
+    for key, value in kept.items():
+        assert torch.equal(state[key], value), key
 
 
 @pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
@@ -411,3 +449,35 @@ def test_anchors_that_no_step_uses_warn_at_the_next_step():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
+
+
+def test_the_closed_ends_of_the_option_ranges_are_accepted():
+    """SPEC's ranges include their closed ends: importance_beta 0 (the importance is the last
+    signal), betas 0, eps, weight_decay, protect_strength, anchor_decay 0 and density 1."""
+    param = torch.randn(3, 4, requires_grad=True)
+    opt = MaskedAdamW([param], betas=(0.0, 0.0), eps=0.0, weight_decay=0.0, importance_beta=0.0, density=1.0,
+                      protect_strength=0.0, anchor_decay=0.0)
+    grad = torch.randn(3, 4)
+    param.grad = grad
+    opt.step()
+    assert_close(opt.state[param]["importance"], grad * grad, "importance with importance_beta=0")
+
+
+def test_defaults_table_matches_the_constructor():
+    """``options.DEFAULTS`` fills the options an unpickled optimizer's groups lack
+    (``__setstate__``): it must hold the constructor's own defaults."""
+    import inspect
+
+    from masked_optim.options import DEFAULTS
+
+    signature = inspect.signature(MaskedAdamW.__init__).parameters
+    for key, value in DEFAULTS.items():
+        assert signature[key].default == value, key
+
+
+def test_a_param_listed_twice_or_a_set_of_params_is_refused():
+    param = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"lists one param twice \(positions 0 and 1\)"):
+        MaskedAdamW([param, param])
+    with pytest.raises(TypeError, match="ordered collections"):
+        MaskedAdamW([{"params": {param}}])

@@ -96,7 +96,7 @@ def test_first_step_and_density_change_derive_threshold_from_current_scores():
 
 
 @pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
-@pytest.mark.parametrize("option,value", [("importance", "magnitude"), ("importance_beta", 0.0)])
+@pytest.mark.parametrize("option,value", [("importance", "magnitude"), ("importance_beta", 0.0), ("gate_block", 64)])
 def test_changing_the_importance_signal_or_its_beta_derives_the_threshold_afresh(backend, option, value):
     """The scores' scale (fisher g^2 -> magnitude |g|) or spread (an average -> one step's) changes
     with these options: the step after the change derives its threshold from its own scores, as

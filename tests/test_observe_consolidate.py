@@ -342,3 +342,38 @@ def test_a_boundary_repeated_on_the_same_batches_gives_the_same_anchors(how, sco
         assert_close(twice.state[p]["anchor"], once.state[p]["anchor"], "anchor of a repeated boundary")
         assert_close(twice.state[p]["anchor"], a, "anchor of a repeated boundary")
         assert torch.equal(twice.state[p]["anchor_param"], once.state[p]["anchor_param"])
+
+
+def test_observe_skips_nonfinite_grads_as_the_step_does():
+    """SPEC: observe() performs steps 1-2, so with nonfinite="skip" an element whose grad is
+    NaN/Inf keeps its importance (finite), and the others take the usual update."""
+    param = torch.randn(6, 5, requires_grad=True)
+    opt = MaskedAdamW([param], lr=1e-2, importance_beta=0.8)
+    param.grad = torch.randn(6, 5)
+    opt.observe()
+    before = opt.state[param]["importance"].clone()
+    grad = torch.randn(6, 5)
+    grad[0, 0], grad[2, 3], grad[5, 4] = float("nan"), float("inf"), -float("inf")
+    bad = ~torch.isfinite(grad)
+    param.grad = grad
+    opt.observe()
+    importance = opt.state[param]["importance"]
+    assert torch.isfinite(importance).all()
+    assert torch.equal(importance[bad], before[bad])
+    assert_close(importance[~bad], 0.8 * before[~bad] + 0.2 * grad[~bad] ** 2, "observe, finite elements")
+
+
+@pytest.mark.parametrize("how", ["max", "sum"])
+def test_consolidate_again_with_no_importance_since_keeps_the_anchors(how):
+    """A second consolidate() with no step or observe() since: the params with an anchor take
+    part with importance 0 (no update: no bias correction to divide by zero), which folds
+    nothing in, so the anchors stay as the first boundary made them."""
+    params = _params()
+    opt = MaskedAdamW(params, lr=1e-2, anchor_decay=1.0)
+    set_random_grads(params, torch.Generator().manual_seed(4))
+    opt.observe()
+    opt.consolidate(how)
+    first = [opt.state[p]["anchor"].clone() for p in params]
+    opt.consolidate(how)
+    for p, a in zip(params, first):
+        assert_close(opt.state[p]["anchor"], a, f"anchor after a repeated consolidate({how!r})")

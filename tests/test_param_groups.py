@@ -68,6 +68,16 @@ def test_decay_groups_kinds_and_patterns():
     assert names_of(model, with_pattern[1]["params"]) == ["transformer.h.0.mlp.weight"]
     nothing_exempt = decay_groups(model, 0.1, no_decay=())
     assert len(nothing_exempt) == 1 and len(nothing_exempt[0]["params"]) == len([p for p in model.parameters() if p.requires_grad])
+    assert names_of(model, decay_groups(model, 0.1, no_decay="bias")[1]["params"]) == names_of(model, only_bias[1]["params"])
+
+
+def test_decay_groups_exempt_bias_in_the_name_and_embedding_bags():
+    """``*bias*`` in a parameter's own name (nn.MultiheadAttention's ``in_proj_bias``) is a bias;
+    an nn.EmbeddingBag's weight is an embedding's."""
+    model = torch.nn.ModuleDict(dict(attn=torch.nn.MultiheadAttention(8, 2), bag=torch.nn.EmbeddingBag(10, 8)))
+    decay, keep = decay_groups(model, 0.1)
+    assert set(names_of(model, keep["params"])) == {"attn.in_proj_bias", "attn.out_proj.bias", "bag.weight"}
+    assert set(names_of(model, decay["params"])) == {"attn.in_proj_weight", "attn.out_proj.weight"}
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -187,6 +197,9 @@ def test_layerwise_lr_survives_lr_scheduler():
     (dict(lr=1.0, decay=0.5, num_layers=2), "num_layers: 2 .*block 2"),
     (dict(lr=1.0, decay=0.5, layer_pattern=r"\.stage\.(\d+)\."), "layer_pattern"),
     (dict(lr=1.0, decay=0.5, params=[]), "option: params"),
+    (dict(lr=float("inf"), decay=0.5), "lr: inf"),
+    (dict(lr=1.0, decay=0.5, num_layers=True), "num_layers: True"),
+    (dict(lr=1.0, decay=0.5, num_layers=3.0), "num_layers: 3.0"),
 ])
 def test_layerwise_lr_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -49,6 +49,7 @@ def test_functions_per_group_and_none_leaves_a_group_alone():
     opt = MaskedAdamW([{"params": params((3,))}, {"params": params((2,)), "density": 0.7}])
     scheduler = DensityScheduler(opt, [lambda step: 1.0 / (step + 1), None])
     assert densities(scheduler, 3) == [[1.0, 0.7], [0.5, 0.7], [1 / 3, 0.7], [0.25, 0.7]]
+    assert scheduler.get_last_density() == [0.25, 0.7]  # every group's, the one left alone included
 
 
 def test_bad_values_raise_and_change_nothing():
@@ -62,6 +63,11 @@ def test_bad_values_raise_and_change_nothing():
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(end=0.0, steps=3), ValueError, "end: 0.0"),
+    (dict(end=True, steps=3), ValueError, "end: True"),
+    (dict(schedule=lambda step: 0.5, steps=3), ValueError, "start/steps"),
+    (dict(schedule=[None]), ValueError, "schedule"),
+    (dict(end=0.5, steps=3, last_epoch=-2), ValueError, "last_epoch: -2"),
+    (dict(end=0.5, steps=3, last_epoch=True), ValueError, "last_epoch: True"),
     (dict(end=1.5, steps=3), ValueError, "end: 1.5"),
     (dict(start=-0.1, end=0.5, steps=3), ValueError, "start: -0.1"),
     (dict(end=0.5, steps=0), ValueError, "steps: 0"),

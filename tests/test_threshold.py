@@ -1,4 +1,5 @@
 """The histogram threshold rule against exact order statistics (kthvalue)."""
+import math
 import types
 import zlib
 
@@ -92,6 +93,10 @@ def test_bins_are_monotone_in_value():
 def test_threshold_value_reports_bin_edge():
     assert thr.threshold_value(int(thr.score_bins(torch.tensor(1.0)))) == 1.0
     assert thr.threshold_value(thr.UNKNOWN) != thr.threshold_value(thr.UNKNOWN)  # NaN
+    # NUM_BINS (nothing passes: a select unit whose target rounds to no element) is past the
+    # finite range: NaN, not the -0.0 its bits would wrap to
+    assert math.isnan(thr.threshold_value(thr.NUM_BINS))
+    assert thr.threshold_value(int(thr.score_bins(torch.tensor(float("inf"))))) == float("inf")
 
 
 def _threshold_bin_by_scan(hist: torch.Tensor, density: float, protect: bool) -> torch.Tensor:

@@ -147,6 +147,7 @@ def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
     and for a param or state tensor that is not dense or not laid out like the param. The grad
     and user mask are only read, so one in another layout is copied into the param's layout.
     """
+    grad, mask = checked_inputs(t, "triton")  # what every backend checks first (functional.check_state)
     param = t.param
     if param.dtype not in TRITON_DTYPES:
         raise ValueError(f"backend='triton' steps float32, bfloat16, float16 and float64 params, got {param.dtype}")
@@ -163,7 +164,7 @@ def flat_inputs(t: TensorState) -> tuple[Tensor, Optional[Tensor]]:
         )
     if t.anchor_param is not None and (t.anchor is None or t.anchor_param.dtype not in TRITON_DTYPES):
         raise ValueError(f"backend='triton' needs anchor_param ({t.anchor_param.dtype}) together with an anchor")
-    return checked_inputs(t, "triton")
+    return grad, mask
 
 
 def bucket_key(t: TensorState, grad: Tensor, user_mask: Optional[Tensor], gated: bool) -> BucketKey:
