@@ -72,6 +72,28 @@ def test_load_keeps_fp32_state_of_bf16_params():
     assert state["anchor_param"].dtype == torch.bfloat16 and state["threshold"].dtype == torch.int64
 
 
+def test_load_restores_the_optimizers_own_dtypes_from_a_converted_checkpoint():
+    """A checkpoint whose tensors were converted (floating ones to float64, integer ones to
+    int32, as a tool that casts a whole state dict does) loads with the optimizer's own dtypes:
+    fp32 moments and importance for bf16 params, anchor_param the param's dtype, threshold
+    int64 (SPEC)."""
+    params, opt = _setup(torch.bfloat16)
+    _run(params, opt, torch.Generator().manual_seed(2), 3, consolidate_at=1)
+    before = snapshot(opt)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                entry[key] = value.double() if value.is_floating_point() else value.int()
+    opt.load_state_dict(saved)
+    assert_bitwise_equal(snapshot(opt), before)  # every value representable: nothing rounded
+    for p in params:
+        state = opt.state[p]
+        dtypes = {key: state[key].dtype for key in ("exp_avg", "exp_avg_sq", "importance", "anchor", "anchor_param", "threshold")}
+        assert dtypes == dict(exp_avg=torch.float32, exp_avg_sq=torch.float32, importance=torch.float32,
+                              anchor=torch.float32, anchor_param=torch.bfloat16, threshold=torch.int64), dtypes
+
+
 def test_loads_plain_adamw_state_dict():
     params, _ = _setup(torch.bfloat16)
     adamw = torch.optim.AdamW(params, lr=1e-3, foreach=False)
@@ -284,6 +306,7 @@ def test_adam_without_weight_decay_loads():
     (lambda entry: entry.update(step=torch.tensor(-1.0)), r"\['step'\] is -1.0 \(a step count is finite and >= 0\)"),
     (lambda entry: entry.update(importance_step=torch.tensor(float("nan"))), r"\['importance_step'\] is nan"),
     (lambda entry: entry.update(exp_avg=[0.0]), r"\['exp_avg'\] must be a Tensor, got list"),
+    (lambda entry: entry.update(exp_avg={"x": 1}), r"\['exp_avg'\] must be a Tensor, got dict"),  # (only {} is DCP's "absent")
     (lambda entry: entry.update(anchor_param=torch.zeros(30, 20)), r"has 'anchor_param' but no 'anchor'"),
 ])
 def test_malformed_state_is_refused_before_any_change(edit, message):

@@ -283,3 +283,13 @@ def test_numpy_scalars_are_numbers():
     assert torch.equal(params[0].detach(), twin[0].detach())
     with pytest.raises(ValueError, match="lr must be a number, got 'x'"):
         MaskedAdamW(params, lr="x")
+
+
+def test_layerwise_lr_block_names_are_whole_path_components():
+    """``h.2`` inside ``branch.2`` is no block index: only a whole name component counts."""
+    model = _nest(blocks=nn.ModuleList(nn.Linear(2, 2, bias=False) for _ in range(2)),
+                  branch=nn.ModuleList(nn.Linear(2, 2, bias=False) for _ in range(3)))
+    assert depth_lrs(model, layerwise_lr_groups(model, 1.0, 0.5), 1.0) == {
+        "blocks.0.weight": 0.25, "blocks.1.weight": 0.5,
+        "branch.0.weight": 1.0, "branch.1.weight": 1.0, "branch.2.weight": 1.0,
+    }

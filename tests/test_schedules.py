@@ -196,9 +196,11 @@ def test_a_state_of_another_kind_of_schedule_is_refused_before_any_change():
 
 def test_resume_with_last_epoch_like_lr_schedulers():
     opt = MaskedAdamW(params((3,)), density=1.0)
-    DensityScheduler(opt, end=0.2, steps=4)  # records initial_density = 1.0
-    resumed = DensityScheduler(opt, end=0.2, steps=4, last_epoch=1)
+    DensityScheduler(opt, end=0.2, steps=4).step()  # records initial_density = 1.0, density now 0.8
+    resumed = DensityScheduler(opt, end=0.2, steps=4, last_epoch=1)  # starts from initial_density, not 0.8
     assert resumed.last_epoch == 2 and opt.param_groups[0]["density"] == pytest.approx(0.6, rel=1e-12)
+    resumed.step()
+    assert opt.param_groups[0]["initial_density"] == 1.0 and opt.param_groups[0]["density"] == pytest.approx(0.4, rel=1e-12)
 
 
 def test_step_to_equals_stepping_there():
@@ -236,3 +238,13 @@ def test_trainer_callbacks_take_one_schedule_per_group_and_name_a_resume_they_ca
         make_scheduler(opt, None, dict(end=0.1, steps=10), 5)
     scheduler = make_scheduler(opt, None, dict(start=0.8, end=0.1, steps=10), 5)
     assert scheduler.last_epoch == 5 and opt.param_groups[0]["density"] == pytest.approx(0.45)
+
+
+def test_load_state_dict_restores_the_saved_schedule_numbers():
+    """Like ``LRScheduler``, a load restores what was saved (mode, end, steps, start), whatever
+    the loading scheduler was made with: the resumed densities are the saved run's."""
+    opt = MaskedAdamW(params((3,)), density=0.9)
+    saved = DensityScheduler(opt, start=0.8, end=0.2, steps=6, mode="cosine")
+    other = DensityScheduler(MaskedAdamW(params((3,)), density=0.9), end=0.5, steps=2, mode="linear")
+    other.load_state_dict(saved.state_dict())
+    assert [other.density_at(k) for k in range(8)] == [saved.density_at(k) for k in range(8)]
