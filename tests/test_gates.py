@@ -95,6 +95,36 @@ def test_first_step_and_density_change_derive_threshold_from_current_scores():
     assert abs(opt.mask_stats()[0]["realised_density"] - 0.5) <= 0.05
 
 
+@pytest.mark.parametrize("backend", ["compile", "triton"])
+def test_protect_density_change_derives_the_threshold_afresh_like_the_reference(backend):
+    """protect keeps a threshold the host vouches for (the anchor is fixed); a density change
+    withdraws that while every tensor stays at its address: the next step derives the
+    threshold from the anchor again, as the reference does, not with the old density's. New
+    grads on the step before the change, then the same grads written in place: the Triton
+    launcher's tables, cached by address while the threshold was vouched for, must not be
+    reused for the step that derives it."""
+    seen = {}
+    for name in ("torch", backend):
+        gen = torch.Generator().manual_seed(6)
+        params = [torch.nn.Parameter(torch.randn(3000, generator=gen)), torch.nn.Parameter(torch.randn(40, 50, generator=gen))]
+        opt = MaskedAdamW(params, lr=1e-3, density=0.5, mask="protect", scope="group", backend=name)
+        record = []
+        for step in range(5):
+            if step == 1:
+                opt.consolidate()
+            if step == 3:
+                opt.param_groups[0]["density"] = 0.2
+            grads = [p.grad for p in params]
+            lognormal_grads(params, gen)
+            if step not in (0, 2):
+                for p, grad in zip(params, grads):
+                    p.grad = grad.copy_(p.grad)
+            opt.step()
+            record.append((opt.mask_stats()[0]["updated"], [int(opt.state[p]["threshold"]) for p in params]))
+        seen[name] = record
+    assert seen[backend] == seen["torch"]
+
+
 @pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
 @pytest.mark.parametrize("option,value", [("importance", "magnitude"), ("importance_beta", 0.0), ("gate_block", 64)])
 def test_changing_the_importance_signal_or_its_beta_derives_the_threshold_afresh(backend, option, value):
