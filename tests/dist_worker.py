@@ -148,6 +148,15 @@ def scenario_ddp_observe_batches(rank: int, world: int) -> None:
     average_grads_over_ranks(wrapped)
     assert all(torch.equal(a, p.grad) for a, p in zip(before, [p for p in wrapped.parameters() if p.grad is not None]))
 
+    # a layer no rank's batch reaches stays without grads (no zeros made up for it: observe()
+    # would then give it state and importance steps it never had); the others are averaged
+    model = model_factory()
+    x, y = data[rank][0]
+    torch.nn.functional.mse_loss(model[:4](x).sum(1, keepdim=True), y).backward()
+    average_grads_over_ranks(model)
+    assert all(p.grad is None for p in model[4].parameters())
+    assert all(p.grad is not None for p in model[:4].parameters())
+
     # a sparse grad on one rank only: every rank raises (none is left waiting in a collective)
     embedding = torch.nn.Embedding(10, 3, sparse=True)
     if rank == 0:

@@ -116,6 +116,19 @@ def test_loads_plain_adamw_state_dict():
         assert ours.state[p]["step"] == 4
 
 
+def test_a_plain_adamw_checkpoint_keeps_each_groups_own_options():
+    """Options a ``torch.optim.AdamW`` checkpoint lacks stay as each group has them, also where a
+    group's own value is not the optimizer's default (not reset to ``defaults``)."""
+    params, _ = _setup(torch.float32)
+    adamw = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1e-3)
+    ours = MaskedAdamW([{"params": params[:1], "density": 0.3, "mask": "protect", "anchor_decay": 2.0},
+                        {"params": params[1:], "scope": "group"}], lr=1e-3, density=0.5)
+    ours.load_state_dict(adamw.state_dict())
+    first, second = ours.param_groups
+    assert (first["density"], first["mask"], first["anchor_decay"], first["scope"]) == (0.3, "protect", 2.0, "tensor")
+    assert (second["density"], second["mask"], second["anchor_decay"], second["scope"]) == (0.5, "select", 0.0, "group")
+
+
 def test_deepcopy_and_pickle_keep_everything():
     """A copy holds every param and state entry bit for bit, and steps on as the original does
     (the copy on its own params)."""
@@ -137,6 +150,16 @@ def test_deepcopy_and_pickle_keep_everything():
     for clone in clones:
         assert_bitwise_equal(snapshot(clone), snapshot(opt))
         clone.mask_stats()
+
+
+def test_deepcopy_and_pickle_keep_fused():
+    """``fused=True`` (the step unscales under a GradScaler: ``_step_supports_amp_scaling``)
+    survives a deepcopy and a pickle round trip, as torch's fused AdamW's does; a copy of a
+    default optimizer lets the scaler unscale."""
+    for fused in (True, False):
+        opt = MaskedAdamW([torch.randn(3, requires_grad=True)], fused=fused)
+        for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+            assert clone._step_supports_amp_scaling is fused
 
 
 def test_setstate_fills_options_missing_from_old_checkpoints():
@@ -244,6 +267,10 @@ def test_each_group_keeps_the_backend_it_was_built_with():
     target.load_state_dict(source.state_dict())
     assert target.param_groups[0]["backend"] == "torch"
     assert target.param_groups[0]["density"] == CONFIG["density"]
+    saved = source.state_dict()  # the saved backend is neither taken nor checked: the machine's choice
+    saved["param_groups"][0]["backend"] = "a backend this machine lacks"
+    target.load_state_dict(saved)
+    assert target.param_groups[0]["backend"] == "torch"
 
 
 @pytest.mark.parametrize("foreign, message", [
@@ -301,10 +328,13 @@ def test_adam_without_weight_decay_loads():
     (lambda entry: entry.update(threshold=torch.tensor(1.5)), r"\['threshold'\] is a torch.float32 tensor of shape \(\), a unit's threshold is one integer"),
     (lambda entry: entry.update(threshold=torch.tensor(40000)), r"\['threshold'\] is 40000, outside \[-32770, 32768\]"),
     (lambda entry: entry.update(threshold=torch.tensor(-40000)), r"\['threshold'\] is -40000, outside"),
+    (lambda entry: entry.update(threshold=torch.tensor(32769)), r"\['threshold'\] is 32769, outside \[-32770, 32768\]"),
+    (lambda entry: entry.update(threshold=torch.tensor(-32771)), r"\['threshold'\] is -32771, outside \[-32770, 32768\]"),
     (lambda entry: entry.update(threshold_for="x"), r"Invalid checkpoint: state\[0\]\['threshold_for'\] must be a number, got 'x'"),
     (lambda entry: entry.update(threshold_for=float("inf")), r"\['threshold_for'\] is inf \(a finite number\)"),
     (lambda entry: entry.update(step=torch.tensor(-1.0)), r"\['step'\] is -1.0 \(a step count is finite and >= 0\)"),
     (lambda entry: entry.update(importance_step=torch.tensor(float("nan"))), r"\['importance_step'\] is nan"),
+    (lambda entry: entry.update(step=torch.tensor(float("inf"))), r"\['step'\] is inf \(a step count is finite and >= 0\)"),
     (lambda entry: entry.update(exp_avg=[0.0]), r"\['exp_avg'\] must be a Tensor, got list"),
     (lambda entry: entry.update(exp_avg={"x": 1}), r"\['exp_avg'\] must be a Tensor, got dict"),  # (only {} is DCP's "absent")
     (lambda entry: entry.update(anchor_param=torch.zeros(30, 20)), r"has 'anchor_param' but no 'anchor'"),
@@ -317,6 +347,45 @@ def test_malformed_state_is_refused_before_any_change(edit, message):
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(saved)
     assert_bitwise_equal(snapshot(opt), before)
+
+
+def test_a_complex_params_checkpoint_round_trips():
+    """A complex param's importance and anchor are laid out like its real view ([..., 2]): its
+    checkpoint loads (shapes checked against the real view) and steps on bit-identically."""
+    param = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.complex64))
+    opt = MaskedAdamW([param], lr=1e-2, density=0.5, anchor_decay=1.0)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        param.grad = torch.randn(5, 3, dtype=torch.complex64, generator=gen)
+        opt.step()
+        if step == 1:
+            opt.consolidate()
+    twin = MaskedAdamW([param], lr=1e-2, density=0.5, anchor_decay=1.0)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.state[param]["importance"].shape == (5, 3, 2) == twin.state[param]["anchor"].shape
+    assert_bitwise_equal(snapshot(twin), snapshot(opt))
+
+
+def test_step_counts_of_zero_load():
+    """A step count of 0 (the moments restarted: ``consolidate(reset_moments=True)``; importance
+    since a consolidation) is a count, not refused."""
+    params, opt = _trained()
+    opt.consolidate(reset_moments=True)
+    saved = opt.state_dict()
+    assert saved["state"][0]["step"] == 0 and saved["state"][0]["importance_step"] == 0
+    opt.load_state_dict(saved)
+    assert all(opt.state[p]["step"] == 0 for p in params)
+
+
+@pytest.mark.parametrize("threshold", [-32770, -2, -1, 0, 32768])
+def test_a_threshold_anywhere_in_its_closed_range_loads(threshold):
+    """A stored threshold in [flagged(NUM_BINS), NUM_BINS] = [-32770, 32768] (flagged bins,
+    UNKNOWN, bins) loads as it was saved, both ends included."""
+    params, opt = _trained()
+    saved = opt.state_dict()
+    saved["state"][0]["threshold"] = torch.tensor(threshold)
+    opt.load_state_dict(saved)
+    assert int(opt.state[params[0]]["threshold"]) == threshold
 
 
 @pytest.mark.parametrize("backend", ["torch", "compile", "triton"])

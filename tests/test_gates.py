@@ -144,6 +144,30 @@ def test_changing_the_importance_signal_or_its_beta_derives_the_threshold_afresh
 
 
 @pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_changing_the_scope_derives_the_threshold_afresh(backend):
+    """scope "tensor" -> "group" (a unit of two tensors whose scores differ 100x): the step after
+    the change derives the unit's threshold from the scores of both, instead of gating the unit
+    with its first member's stored per-tensor threshold (which moved 10% of that tensor and
+    none of the other: half the target)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    a, b = torch.randn(3000, requires_grad=True), torch.randn(3000, requires_grad=True)
+    opt = MaskedAdamW([a, b], lr=1e-3, density=0.1, importance="fisher", backend=backend)
+    gen = torch.Generator().manual_seed(5)
+    grads = torch.randn(3000, generator=gen) * 10.0, torch.randn(3000, generator=gen)
+
+    def step() -> float:  # the same grads every step: the stored thresholds are not flagged as lagging
+        a.grad, b.grad = grads[0].clone(), grads[1].clone()
+        opt.step()
+        return opt.mask_stats()[0]["realised_density"]
+
+    for _ in range(4):
+        step()
+    opt.param_groups[0]["scope"] = "group"
+    assert abs(step() - 0.1) <= 0.01
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
 @pytest.mark.parametrize("density", [0.1, 0.01])
 def test_density_meets_the_bound_at_every_step_while_the_importance_average_is_young(backend, density):
     """Fresh i.i.d. grads each step: the importance average narrows step by step for tens of
@@ -264,6 +288,57 @@ def test_a_unit_that_loses_a_member_derives_its_threshold_for_the_others(backend
         expected_realised, expected_thresholds, expected_b = _losing_member_run("torch", mask, False)
         assert thresholds == expected_thresholds and realised == expected_realised
         assert_close(b, expected_b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_a_member_that_stays_away_changes_its_unit_once(backend):
+    """scope="group", select: a member without a grad changes its unit's population the step it
+    leaves (derived afresh then); while it stays away the population is the same, so each step
+    gates with the threshold the last one stored (unless flagged as lagging), as for a unit
+    whose members all step (``_members_left`` skips a member already ``_STALE``)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from masked_optim.threshold import threshold_value
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(2000, generator=gen)) for _ in range(2))
+    opt = MaskedAdamW([a, b], lr=1e-2, density=0.1, scope="group", importance_beta=0.0, backend=backend)
+    kept = 0
+    for k in range(10):
+        a.grad = torch.randn(2000, generator=gen) * 3.0 if k < 3 else None
+        b.grad = torch.randn(2000, generator=gen)
+        stored = int(opt.state[b]["threshold"]) if b in opt.state else -1
+        opt.step()
+        used = opt.mask_stats()[0]["threshold"]
+        if k >= 4 and stored >= 0:  # a was away at the step before too: the stored threshold gates
+            assert used == [threshold_value(stored)], (k, used, threshold_value(stored))
+            kept += 1
+    assert kept >= 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "triton"])
+def test_a_member_joining_a_select_unit_derives_its_threshold_for_all_members(backend):
+    """scope="group", select: a tensor whose first grad comes after its unit's threshold settled
+    (its scores 10x the others') changes the unit's population: the whole unit derives its
+    threshold from this step's scores, not only the newcomer; gating with the first member's
+    stored threshold had moved all of the newcomer (0.4 for a target of 0.1)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(2)
+    a, b, c = (torch.randn(2000, requires_grad=True) for _ in range(3))
+    grads = [torch.randn(2000, generator=gen) for _ in range(2)] + [torch.randn(2000, generator=gen) * 10.0]
+    opt = MaskedAdamW([a, b, c], lr=1e-3, density=0.1, scope="group", backend=backend)
+
+    def step(with_c: bool) -> float:
+        a.grad, b.grad = grads[0].clone(), grads[1].clone()
+        c.grad = grads[2].clone() if with_c else None
+        opt.step()
+        return opt.mask_stats()[0]["realised_density"]
+
+    for _ in range(4):  # the same grads every step: a and b's stored threshold is not flagged
+        step(False)
+    assert int(opt.state[a]["threshold"]) >= 0
+    assert abs(step(True) - 0.1) <= 0.01
 
 
 @pytest.mark.parametrize("backend", ["torch", "compile", "triton"])

@@ -488,6 +488,76 @@ def test_lightning_consolidate_callback_errors(tmp_path):
     assert callback.observed == 1
 
 
+def test_consolidate_callbacks_check_their_options_when_made_and_refuse_batches_that_yield_none():
+    """Both callbacks' shared checks (``integrations.check_consolidate_options``) at
+    construction: ``max_batches`` an int >= 1 (a bool is not a count), ``reset_moments`` a bool;
+    ``take_batches`` takes exactly ``max_batches`` (an iterator loses no batch beyond them) and
+    refuses batches that yield none (an exhausted iterator) before anything is observed."""
+    from masked_optim.integrations import check_consolidate_options, take_batches
+
+    for max_batches in (True, 0, 1.5):
+        with pytest.raises(ValueError, match=rf"Invalid max_batches: {max_batches!r} \(must be an int >= 1 or None\)"):
+            check_consolidate_options([1], max_batches, "max", False)
+    for reset_moments in ("yes", 1, None):
+        with pytest.raises(ValueError, match=rf"Invalid reset_moments: {reset_moments!r} \(must be a bool\)"):
+            check_consolidate_options([1], None, "max", reset_moments)
+    check_consolidate_options(iter([1]), 1, "sum", True)
+    batches = iter([1, 2, 3])
+    assert take_batches(batches, 2) == [1, 2] and list(batches) == [3]
+    for empty in (batches, []):
+        with pytest.raises(ValueError, match=r"batches yielded no batch \(an exhausted iterator\?\)"):
+            take_batches(empty, None)
+
+
+def test_observing_the_old_batches_restores_the_models_mode_and_leaves_no_grads():
+    """``integrations.observe_batches`` (both callbacks' passes): every pass runs in eval mode
+    (no dropout), the model's own mode comes back afterwards (eval included) and no grad is
+    left; ``observed`` is told the count after each batch."""
+    import contextlib
+
+    from masked_optim.integrations import observe_batches
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    opt = MaskedAdamW(model.parameters())
+    x = torch.randn(8, 4)
+    for training in (True, False):
+        model.train(training)
+        modes, counts = [], []
+
+        def loss_of(index, batch):
+            modes.append(model.training)
+            return model(batch).pow(2).sum()
+
+        observe_batches(opt, model, [x, x], loss_of, contextlib.nullcontext, counts.append)
+        assert modes == [False, False] and counts == [1, 2]
+        assert all(module.training is training for module in model.modules())
+        assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("reset_moments", [False, True])
+def test_the_callbacks_boundary_consolidates_as_told(reset_moments):
+    """``integrations.observe_and_consolidate`` (both callbacks' boundary) consolidates with the
+    callback's ``how`` and ``reset_moments``: the moments and step counts restart only when told."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from masked_optim.integrations import observe_and_consolidate
+
+    model = torch.nn.Linear(4, 2)
+    opt = MaskedAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 4)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    callback = SimpleNamespace(how="sum", reset_moments=reset_moments)
+    observe_and_consolidate(callback, opt, model, [x], lambda index, batch: model(batch).pow(2).sum(),
+                            contextlib.nullcontext)
+    assert callback.observed == 1
+    for p in model.parameters():
+        state = opt.state[p]
+        assert "anchor" in state and state["importance_step"] == 0
+        assert bool(state["step"] == 0) is reset_moments and bool(state["exp_avg"].eq(0).all()) is reset_moments
+
+
 @pytest.mark.slow
 def test_lightning_consolidate_callback_under_ddp_gives_every_rank_the_same_anchors(tmp_path):
     """Two CPU ranks (``ddp_spawn``, gloo), each observing its own old batches: the callback's

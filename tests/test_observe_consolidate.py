@@ -377,3 +377,20 @@ def test_consolidate_again_with_no_importance_since_keeps_the_anchors(how):
     opt.consolidate(how)
     for p, a in zip(params, first):
         assert_close(opt.state[p]["anchor"], a, f"anchor after a repeated consolidate({how!r})")
+
+
+def test_consolidate_without_anchor_decay_drops_an_older_anchor_param():
+    """``anchor_param`` is the params at the last ``consolidate()`` of a group with
+    ``anchor_decay > 0``: a later boundary without it drops the older copy, so a restoring force
+    asked for afterwards warns (no targets) instead of pulling toward the params of an older task."""
+    param = torch.nn.Parameter(torch.randn(50))
+    opt = MaskedAdamW([param], lr=1e-2, anchor_decay=1.0)
+    param.grad = torch.randn(50)
+    opt.step()
+    opt.consolidate()
+    assert "anchor_param" in opt.state[param]
+    opt.param_groups[0]["anchor_decay"] = 0.0
+    param.grad = torch.randn(50)
+    opt.step()
+    opt.consolidate()
+    assert "anchor_param" not in opt.state[param] and "anchor" in opt.state[param]

@@ -110,3 +110,19 @@ def test_held_elements_are_counted_once_and_again_after_an_in_place_change(monke
     second[:50] = False
     assert opt.mask_stats()[0]["masked"] == int((~first).sum() + (~second).sum())
     assert sorted(counted) == [200, 200, 1200]
+
+
+def test_set_mask_keeps_the_mask_as_it_was_given():
+    """``set_mask`` fixes the mask it is given: changing the caller's tensor afterwards changes
+    neither the stored mask nor which elements move."""
+    param = torch.randn(100, requires_grad=True)
+    opt = MaskedAdamW([param], lr=1e-2)
+    mask = torch.rand(100, generator=torch.Generator().manual_seed(0)) < 0.5
+    given = mask.clone()
+    opt.set_mask(param, mask)
+    mask.fill_(True)
+    param.grad = torch.randn(100)
+    before = param.detach().clone()
+    opt.step()
+    assert torch.equal(opt.state[param]["user_mask"], given)
+    assert torch.equal(param.detach()[~given], before[~given]) and not torch.equal(param.detach(), before)
